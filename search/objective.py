@@ -1,0 +1,94 @@
+"""The objective every trial of `python -m search.run` calls: a class holding loaded data.
+
+Data is loaded and moved to the device once, in __init__; a trial only samples params,
+builds the model through the study's builder, trains, and returns the best validation
+accuracy over its epochs. The test split is not given to this class at all.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import optuna
+import torch
+
+from search.config import RunConfig, trial_seed
+from search.data import Dataset
+from search.errors import TrialDiverged
+from search.models import count_parameters
+from search.registry import StudySpec
+from search.train import DeviceSplit, EpochResult, fit
+
+log = logging.getLogger(__name__)
+
+
+class TrialOutOfMemory(Exception):
+    """The trial's model or batch did not fit; the trial fails and the study goes on."""
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or (
+        "can't allocate memory" in text
+    )
+
+
+class Objective:
+    def __init__(self, spec: StudySpec, dataset: Dataset, cfg: RunConfig,
+                 device: torch.device) -> None:
+        self.spec = spec
+        self.cfg = cfg
+        self.device = device
+        self.image_shape = dataset.image_shape
+        self.n_classes = len(dataset.classes)
+        self.mean, self.std = dataset.mean, dataset.std
+        self.train = DeviceSplit.of(dataset.train, device)
+        self.val = DeviceSplit.of(dataset.val, device)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = self.spec.suggest(trial)
+        seed = trial_seed(self.cfg.seed, trial.number)
+        torch.manual_seed(seed)  # weight init and dropout masks
+        built = self.spec.build(params, self.image_shape, self.n_classes, self.mean, self.std)
+        model = built.model.to(self.device)
+        optimizer = built.make_optimizer(model)
+        reference = trial.user_attrs.get("reference")
+        trial.set_user_attr("seed", seed)
+        trial.set_user_attr("epochs", self.cfg.epochs)
+        trial.set_user_attr("device", str(self.device))
+        trial.set_user_attr("n_parameters", count_parameters(model))
+        best = {"accuracy": 0.0, "epoch": 0}
+        seconds: list[float] = []
+
+        def on_epoch(result: EpochResult) -> None:
+            seconds.append(result.seconds)
+            if result.val_accuracy > best["accuracy"]:
+                best.update(accuracy=result.val_accuracy, epoch=result.epoch)
+            trial.report(result.val_accuracy, result.epoch)
+            # reference configs always run to the end, so every study can report them
+            if reference is None and trial.should_prune():
+                raise optuna.TrialPruned(
+                    f"pruned after epoch {result.epoch}: val accuracy {result.val_accuracy:.4f}"
+                )
+
+        try:
+            fit(model, built.loss_fn, optimizer, self.train, self.val,
+                epochs=self.cfg.epochs, batch_size=self.cfg.batch_size, seed=seed,
+                on_epoch=on_epoch)
+        except TrialDiverged as exc:
+            # a bad region of the space, not a broken run: prune, so the sampler learns it
+            trial.set_user_attr("failure", str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
+        except RuntimeError as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            trial.set_user_attr("failure", f"out of memory: {str(exc).splitlines()[0]}")
+            del model, optimizer, built
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise TrialOutOfMemory(str(exc).splitlines()[0]) from None
+        finally:
+            if seconds:
+                trial.set_user_attr("seconds_per_epoch", sum(seconds) / len(seconds))
+        trial.set_user_attr("best_epoch", best["epoch"])
+        return best["accuracy"]

@@ -1,0 +1,178 @@
+"""python -m search.run --study mlp [--data auto] [--n-trials 20] [--storage URL] ...
+
+Searches a study's space with Optuna, persisted in the storage (default sqlite:///studies.db,
+browse it with `optuna-dashboard sqlite:///studies.db`), then retrains the best params and
+writes the model and report (unless --no-final). Running the same command again resumes the
+study and adds --n-trials trials. A bad configuration exits with code 2 and one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections import Counter
+
+import optuna
+from tqdm import tqdm
+
+import storage
+from search import data as data_module
+from search import registry
+from search.config import PRUNERS, SAMPLERS, RunConfig
+from search.errors import ConfigError
+from search.objective import Objective, TrialOutOfMemory
+from search.study import best_value, open_study
+from search.train import resolve_device
+
+log = logging.getLogger("search")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, no usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    studies = "\n".join(f"  {s.name:8} {s.description}" for s in registry.STUDIES.values())
+    parser = _Parser(
+        prog="python -m search.run",
+        description="Hyperparameter search for image classifiers on Optuna + PyTorch.",
+        epilog=f"studies:\n{studies}\n\nbrowse trials: optuna-dashboard sqlite:///studies.db",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--study", required=True, help="which study to run (listed below)")
+    parser.add_argument("--data", default="auto", choices=data_module.DATASETS,
+                        help="data set (default auto: mnist if found, else mnist-5k)")
+    parser.add_argument("--data-dir", help="folder with IDX files / download target "
+                        "(default $SEARCH_DATA_DIR or ./data)")
+    parser.add_argument("--n-trials", type=int, default=20, help="trials to add (default 20)")
+    parser.add_argument("--timeout", type=float, help="stop the search after this many seconds")
+    parser.add_argument("--epochs", type=int, default=20, help="epochs per trial (default 20)")
+    parser.add_argument("--batch-size", type=int, default=128, help="fixed, not tuned")
+    parser.add_argument("--storage", default=storage.DEFAULT_URL,
+                        help=f"Optuna storage URL (default {storage.DEFAULT_URL})")
+    parser.add_argument("--study-name", help="default <study>-<dataset>")
+    parser.add_argument("--seed", type=int, default=0, help="study seed (default 0)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--sampler", default="tpe", choices=SAMPLERS)
+    parser.add_argument("--pruner", default="hyperband", choices=PRUNERS)
+    parser.add_argument("--no-final", dest="final", action="store_false",
+                        help="skip the final retrain, export and report")
+    parser.add_argument("--final-seeds", type=int, default=3,
+                        help="seeds for the final retrain (default 3)")
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> RunConfig:
+    """Raises ConfigError on a bad value; argparse exits 2 itself on a malformed one."""
+    args = build_parser().parse_args(argv)
+    registry.get(args.study)
+    return RunConfig(
+        study=args.study, data=args.data, data_dir=args.data_dir, n_trials=args.n_trials,
+        timeout=args.timeout, epochs=args.epochs, batch_size=args.batch_size,
+        storage=args.storage, study_name=args.study_name, seed=args.seed, device=args.device,
+        sampler=args.sampler, pruner=args.pruner, final=args.final,
+        final_seeds=args.final_seeds,
+    )
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def setup_logging() -> None:
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # we log each trial ourselves
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+
+
+class TrialReporter:
+    """Callback: a progress bar over this run's trials and one log line per finished trial."""
+
+    def __init__(self, total: int) -> None:
+        # disable=None: no bar when stderr is not a terminal (CI logs, nohup)
+        self.bar = tqdm(total=total, unit="trial", file=sys.stderr, dynamic_ncols=True,
+                        disable=None)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        value = trial.value if trial.value is not None else (
+            trial.intermediate_values[max(trial.intermediate_values)]
+            if trial.intermediate_values else None)
+        seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() if (
+            trial.datetime_complete and trial.datetime_start) else float("nan")
+        best = best_value(study)
+        tag = trial.user_attrs.get("reference")
+        why = trial.user_attrs.get("failure")
+        log.info(
+            "trial %d %s value=%s best=%s %.1fs%s%s", trial.number, trial.state.name,
+            "-" if value is None else f"{value:.4f}", "-" if best is None else f"{best:.4f}",
+            seconds, f" [{tag}]" if tag else "", f" ({why})" if why else "",
+        )
+        self.bar.update(1)
+        if best is not None:
+            self.bar.set_postfix(best=f"{best:.4f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def search(cfg: RunConfig) -> optuna.Study:
+    """Open the storage, load the data once, run the trials. Raises ConfigError."""
+    spec = registry.get(cfg.study)
+    device = resolve_device(cfg.device)
+    opened = storage.open(cfg.storage)  # fail on a bad URL before loading any data
+    dataset = data_module.load(cfg.data, cfg.data_dir)
+    name = cfg.study_name or f"{spec.name}-{dataset.name}"
+    study = open_study(cfg, spec, dataset, opened, name)
+    done = len(study.trials)
+    log.info("study %r: %d trials so far; data %s (%d train / %d val, test held out) "
+             "from %s; device %s", name, done, dataset.name, len(dataset.train),
+             len(dataset.val), dataset.source, device)
+    objective = Objective(spec, dataset, cfg, device)
+    reporter = TrialReporter(cfg.n_trials)
+    started = time.perf_counter()
+    try:
+        study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout,
+                       callbacks=[reporter], catch=(TrialOutOfMemory,))
+    finally:
+        reporter.close()
+    states = Counter(t.state.name for t in study.trials)
+    log.info("search done in %.0fs: %s", time.perf_counter() - started,
+             ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())))
+    best = best_value(study)
+    if best is not None:
+        log.info("best trial %d: val accuracy %.4f, params %s", study.best_trial.number,
+                 best, study.best_trial.params)
+    log.info("browse: optuna-dashboard %s", cfg.storage)
+    return study
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    try:
+        cfg = config_from_args(argv)
+        study = search(cfg)
+        if cfg.final and best_value(study) is not None:
+            from search.final import run_final
+
+            run_final(study, cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished trials are saved; run the same command to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Creating or resuming the Optuna study behind `python -m search.run`.
+
+A new study records what it depends on (data, split, normalization, space version, config,
+library versions) in its user attributes and gets the study's reference configs enqueued as
+its first trials. Resuming checks that the data and the space are the ones it was made with.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+import optuna
+
+from search.config import RunConfig, versions
+from search.data import Dataset
+from search.errors import ConfigError
+from search.registry import StudySpec
+
+log = logging.getLogger(__name__)
+
+# TPE's own random start; the enqueued reference configs count towards it.
+TPE_STARTUP_TRIALS = 8
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """Raises ConfigError on an unknown sampler name."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "tpe":
+            # multivariate + group: models the widths jointly, per number of layers
+            return optuna.samplers.TPESampler(
+                seed=seed, multivariate=True, group=True, n_startup_trials=TPE_STARTUP_TRIALS
+            )
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if name == "qmc":
+            return optuna.samplers.QMCSampler(seed=seed, scramble=True)
+    raise ConfigError(f"unknown sampler {name!r}; choose tpe, random or qmc")
+
+
+def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    """Raises ConfigError on an unknown pruner name."""
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs,
+                                              reduction_factor=3)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ConfigError(f"unknown pruner {name!r}; choose hyperband, median or none")
+
+
+def open_study(cfg: RunConfig, spec: StudySpec, dataset: Dataset,
+               storage: optuna.storages.BaseStorage, study_name: str) -> optuna.Study:
+    """Create the study or resume it. Raises ConfigError when an existing study of that name
+    was made for other data, another study or another version of the space."""
+    study = optuna.create_study(
+        storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
+        sampler=make_sampler(cfg.sampler, cfg.seed), pruner=make_pruner(cfg.pruner, cfg.epochs),
+    )
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise ConfigError(f"study {study_name!r} exists and minimizes; pick another --study-name")
+    attrs = study.user_attrs
+    if "space_version" not in attrs:
+        _initialize(study, cfg, spec, dataset)
+        return study
+    expected = {"study": spec.name, "space_version": spec.space_version}
+    for key, value in expected.items():
+        if attrs.get(key) != value:
+            raise ConfigError(
+                f"study {study_name!r} was made with {key} {attrs.get(key)!r}, this run uses "
+                f"{value!r}; pass a new --study-name to start a fresh study"
+            )
+    made = attrs.get("data", {})
+    for key in ("dataset", "n_train", "n_val", "split_seed"):
+        if made.get(key) != dataset.describe()[key]:
+            raise ConfigError(
+                f"study {study_name!r} was made on {made.get('dataset')} "
+                f"({key}={made.get(key)!r}), this run loaded {dataset.name} "
+                f"({key}={dataset.describe()[key]!r}); pass --study-name to keep them apart"
+            )
+    return study
+
+
+def _initialize(study: optuna.Study, cfg: RunConfig, spec: StudySpec, dataset: Dataset) -> None:
+    study.set_user_attr("study", spec.name)
+    study.set_user_attr("data", dataset.describe())
+    study.set_user_attr("data_notes", list(dataset.notes))
+    study.set_user_attr("config", cfg.to_dict())
+    study.set_user_attr("versions", versions())
+    study.set_user_attr("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    # last: its presence marks the study as initialized
+    study.set_user_attr("space_version", spec.space_version)
+    for name, params in spec.references.items():
+        # skip_if_exists: two workers starting a new study at once enqueue each config once
+        study.enqueue_trial(spec.to_trial_params(params), user_attrs={"reference": name},
+                            skip_if_exists=True)
+    log.info("new study %r: enqueued reference configs %s", study.study_name,
+             ", ".join(spec.references))
+
+
+def finished_count(study: optuna.Study) -> int:
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+              optuna.trial.TrialState.FAIL)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def best_value(study: optuna.Study) -> float | None:
+    try:
+        return study.best_value
+    except ValueError:  # no completed trial yet
+        return None

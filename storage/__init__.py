@@ -1,0 +1,103 @@
+"""One entry point from a storage URL to an Optuna storage: `storage.open(url)`.
+
+Used by `python -m search.run --storage URL` (default `sqlite:///studies.db`). SQLite gets a
+busy timeout and WAL journaling so several worker processes on one machine and a running
+optuna-dashboard do not hit "database is locked"; every RDB storage gets heartbeats, and a
+trial whose worker died is failed and retried.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import warnings
+from pathlib import Path
+
+import optuna
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from search.errors import StorageError
+
+DEFAULT_URL = "sqlite:///studies.db"
+SQLITE_BUSY_TIMEOUT_S = 60  # a writer waits this long for the lock before failing
+HEARTBEAT_INTERVAL_S = 30
+GRACE_PERIOD_S = 120  # a running trial with no heartbeat for this long is failed, then retried
+MAX_RETRY = 2
+_EXAMPLES = "e.g. sqlite:///studies.db or postgresql://user@host:5432/db"
+
+
+def parse(url: str) -> URL:
+    """Raises StorageError when `url` is not an SQLAlchemy database URL."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StorageError(f"storage URL {url!r} is malformed; expected {_EXAMPLES}") from None
+    try:
+        parsed.get_dialect()
+    except Exception:
+        raise StorageError(
+            f"storage URL {url!r}: unknown database kind {parsed.drivername!r}; "
+            f"expected {_EXAMPLES}"
+        ) from None
+    return parsed
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of an SQLite URL, None for in-memory or other databases."""
+    parsed = parse(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def open(url: str = DEFAULT_URL) -> optuna.storages.RDBStorage:  # noqa: A001 (storage.open)
+    """An RDB storage for `url`, created if needed.
+
+    Raises StorageError when the URL is malformed, the SQLite directory is missing, or the
+    database cannot be reached.
+    """
+    parsed = parse(url)
+    shown = parsed.render_as_string(hide_password=True)
+    engine_kwargs: dict = {}
+    if parsed.get_backend_name() == "sqlite":
+        path = sqlite_path(url)
+        if path is not None:
+            if not path.parent.is_dir():
+                raise StorageError(
+                    f"storage {shown}: directory {path.parent} does not exist; create it first"
+                )
+            _enable_wal(path, shown)
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
+    else:
+        engine_kwargs["pool_pre_ping"] = True  # survive a server restart between trials
+    try:
+        with warnings.catch_warnings():
+            # heartbeats are marked experimental in Optuna; they are what makes retry work
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                grace_period=GRACE_PERIOD_S,
+                heartbeat_stale_trial_callback=retry,
+            )
+    except (SQLAlchemyError, ImportError, sqlite3.Error) as exc:
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise StorageError(f"cannot open storage {shown}: {first}") from None
+
+
+def _enable_wal(path: Path, shown: str) -> None:
+    # WAL is a property of the database file: set once, every later connection uses it,
+    # and readers (optuna-dashboard) no longer block the writers.
+    try:
+        connection = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S)
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+        finally:
+            connection.close()
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open storage {shown}: {exc}") from None
+
+
+__all__ = ["DEFAULT_URL", "open", "parse", "sqlite_path"]
