@@ -62,7 +62,8 @@ def read_idx(path: Path, expected_ndim: int) -> np.ndarray:
             f"{path}: header says {'x'.join(map(str, dims))} = {expected} bytes of data, "
             f"file has {actual} (truncated or wrong file?)"
         )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    # copy: frombuffer is read-only, and torch warns about tensors over read-only memory
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
 def find_file(directory: Path, stem: str) -> Path | None:

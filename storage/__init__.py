@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import optuna
+from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
@@ -75,7 +76,7 @@ def open(url: str = DEFAULT_URL) -> optuna.storages.RDBStorage:  # noqa: A001 (s
             # heartbeats are marked experimental in Optuna; they are what makes retry work
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
-            return optuna.storages.RDBStorage(
+            opened = optuna.storages.RDBStorage(
                 url,
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=HEARTBEAT_INTERVAL_S,
@@ -85,6 +86,26 @@ def open(url: str = DEFAULT_URL) -> optuna.storages.RDBStorage:  # noqa: A001 (s
     except (SQLAlchemyError, ImportError, sqlite3.Error) as exc:
         first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise StorageError(f"cannot open storage {shown}: {first}") from None
+    if parsed.get_backend_name() == "sqlite":
+        _begin_immediate(opened.engine)
+    return opened
+
+
+def _begin_immediate(engine) -> None:
+    # Optuna claims a queued (WAITING) trial with SELECT ... FOR UPDATE, which SQLite
+    # ignores: two processes can both read WAITING and both run the trial. Starting every
+    # transaction with BEGIN IMMEDIATE takes the write lock before that read, so a queued
+    # trial is popped once. Readers in other processes (optuna-dashboard) are not blocked
+    # under WAL.
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None  # pysqlite must not BEGIN (DEFERRED) itself
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections made before the listeners existed are dropped
 
 
 def _enable_wal(path: Path, shown: str) -> None:

@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny data, and every storage backend this machine has.
+
+PostgreSQL tests run against $SEARCH_TEST_POSTGRES_URL (default
+postgresql://postgres@127.0.0.1:5432/test). Where no server answers they skip with that
+reason, unless SEARCH_REQUIRE_SERVICES=1 (set by .ci/run), where they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import numpy as np
+import pytest
+import sqlalchemy
+
+from search import data as data_module
+
+POSTGRES_URL = os.environ.get(
+    "SEARCH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+def _postgres_reason() -> str | None:
+    try:
+        engine = sqlalchemy.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as exc:  # any failure means: not available here
+        return f"PostgreSQL not reachable at {POSTGRES_URL}: {str(exc).splitlines()[0]}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    reason = _postgres_reason()
+    if reason is not None:
+        if os.environ.get("SEARCH_REQUIRE_SERVICES") == "1":
+            pytest.fail(reason + " (SEARCH_REQUIRE_SERVICES=1: this run needs it)")
+        pytest.skip(reason)
+    return POSTGRES_URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path) -> str:
+    """Each test that takes this runs once per storage backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'studies.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def study_name() -> str:
+    """Unique per test, since the PostgreSQL database is shared between tests and runs."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """sklearn's 8x8 digits with the service's splits: small enough to train in a second."""
+    return data_module.load("digits")
+
+
+@pytest.fixture(autouse=True)
+def _no_downloads(monkeypatch, tmp_path):
+    """Tests never reach the network; a test that wants a download patches _download."""
+    monkeypatch.setattr(data_module, "_download", lambda name, directory: "offline (tests)")
+    monkeypatch.delenv("SEARCH_DATA_DIR", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "no-keras"))
+    monkeypatch.chdir(tmp_path)
+
+
+def make_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n 28x28 uint8 images whose label is drawn in them (a bright bar at row 2 * label)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    images = rng.integers(0, 40, size=(n, 28, 28), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        images[i, 2 * label + 4, 4:24] = 255
+    return images, labels.astype(np.uint8)

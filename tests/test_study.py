@@ -1,0 +1,99 @@
+"""Trials end to end on every storage backend: references, pruning, divergence, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import optuna
+import pytest
+import torch
+from torch import nn
+
+import storage
+from search.config import RunConfig, trial_seed
+from search.errors import ConfigError
+from search.objective import Objective
+from search.registry import STUDIES, Built
+from search.run import search
+from search.study import open_study
+
+TrialState = optuna.trial.TrialState
+
+
+def _cfg(storage_url, study_name, **overrides):
+    values = dict(study="mlp", data="digits", n_trials=3, epochs=2, storage=storage_url,
+                  study_name=study_name, final=False)
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+def test_new_study_runs_references_first_then_resumes(storage_url, study_name):
+    first = search(_cfg(storage_url, study_name, n_trials=3))
+    trials = first.get_trials()
+    assert len(trials) == 3
+    assert [t.user_attrs.get("reference") for t in trials[:2]] == ["lecture", "seed"]
+    assert trials[0].params == STUDIES["mlp"].to_trial_params(STUDIES["mlp"].references["lecture"])
+    assert all(t.state == TrialState.COMPLETE for t in trials[:2])
+    attrs = first.user_attrs
+    assert attrs["data"]["dataset"] == "digits" and attrs["space_version"] == "mlp-v1"
+    assert 0 < attrs["data"]["mean"] < 1 and "torch" in attrs["versions"]
+    assert trials[0].user_attrs["seed"] == trial_seed(0, 0)
+    assert sorted(trials[0].intermediate_values) == [1, 2]  # val accuracy every epoch
+
+    again = search(_cfg(storage_url, study_name, n_trials=2))
+    trials = again.get_trials()
+    assert len(trials) == 5  # resumed and added; references not enqueued twice
+    assert sum(1 for t in trials if t.user_attrs.get("reference")) == 2
+
+
+def test_resume_on_other_data_is_refused(storage_url, study_name):
+    search(_cfg(storage_url, study_name, n_trials=1, epochs=1))
+    with pytest.raises(ConfigError, match="was made on digits"):
+        search(_cfg(storage_url, study_name, data="mnist-5k", n_trials=1, epochs=1))
+
+
+def _objective_study(storage_url, study_name, digits, pruner, spec=STUDIES["mlp"]):
+    cfg = _cfg(storage_url, study_name, epochs=3)
+    study = open_study(cfg, spec, digits, storage.open(storage_url), study_name)
+    study.pruner = pruner
+    return study, Objective(spec, digits, cfg, torch.device("cpu"))
+
+
+def test_pruning_spares_reference_trials(storage_url, study_name, digits):
+    # a pruner that prunes everything it is asked about: only references may complete
+    study, objective = _objective_study(storage_url, study_name, digits,
+                                        optuna.pruners.ThresholdPruner(lower=1.01))
+    study.optimize(objective, n_trials=5)
+    states = [t.state for t in study.get_trials()]
+    assert states[:2] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert states[2:] == [TrialState.PRUNED] * 3
+    assert all(len(t.intermediate_values) == 1 for t in study.get_trials()[2:])
+
+
+class _NaNLoss(nn.Module):
+    def forward(self, scores, target):
+        return nn.functional.cross_entropy(scores, target) * float("nan")
+
+
+def test_diverging_trial_is_pruned_with_reason_and_study_goes_on(storage_url, study_name, digits):
+    spec = STUDIES["mlp"]
+
+    def build(params, *args):
+        built = spec.build(params, *args)
+        if params.pair == "gelu_margin":  # this pair "diverges" in this test
+            return Built(built.model, _NaNLoss(), built.make_optimizer)
+        return built
+
+    nan_spec = dataclasses.replace(spec, build=build)
+    study, objective = _objective_study(storage_url, study_name, digits,
+                                        optuna.pruners.NopPruner(), spec=nan_spec)
+    params = dataclasses.replace(spec.references["lecture"], pair="gelu_margin")
+    study.enqueue_trial(spec.to_trial_params(params))
+    study.optimize(objective, n_trials=4)
+    trials = study.get_trials()
+    assert len(trials) == 4
+    diverged = trials[2]
+    assert diverged.state == TrialState.PRUNED
+    assert "became nan" in diverged.user_attrs["failure"]
+    assert trials[3].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert study.best_value > 0.5
