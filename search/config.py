@@ -40,7 +40,7 @@ class RunConfig:
             if value < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
         if self.timeout is not None and not self.timeout > 0:
-            raise ConfigError(f"--timeout must be a positive number of seconds, got {self.timeout}")
+            raise ConfigError(f"--timeout must be positive (seconds), got {self.timeout}")
         if self.seed < 0:
             raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
         if self.sampler not in SAMPLERS:

@@ -122,8 +122,8 @@ def fit(
 def predict_scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Model outputs for uint8 images `x`, in eval mode, batched."""
     model.eval()
-    outputs = [model(x[i:i + EVAL_BATCH].float().div_(255.0)) for i in range(0, len(x), EVAL_BATCH)]
-    return torch.cat(outputs)
+    batches = (x[i:i + EVAL_BATCH] for i in range(0, len(x), EVAL_BATCH))
+    return torch.cat([model(batch.float().div_(255.0)) for batch in batches])
 
 
 def evaluate_accuracy(model: nn.Module, split: DeviceSplit) -> float:

@@ -31,7 +31,7 @@ def test_help_lists_studies(tmp_path):
     (["--study", "resnet"], "unknown study 'resnet'; valid studies: mlp"),
     (["--study", "mlp", "--n-trials", "0"], "--n-trials must be at least 1"),
     (["--study", "mlp", "--epochs", "-3"], "--epochs must be at least 1"),
-    (["--study", "mlp", "--timeout", "0"], "--timeout must be a positive"),
+    (["--study", "mlp", "--timeout", "0"], "--timeout must be positive"),
     (["--study", "mlp", "--storage", "mysql+nodriver://x"], "storage"),
     (["--study", "mlp", "--storage", "postgresql://postgres@127.0.0.1:1/x"],
      "cannot open storage"),
