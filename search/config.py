@@ -32,6 +32,8 @@ class RunConfig:
     pruner: str = "hyperband"
     final: bool = True
     final_seeds: int = 3
+    runs_dir: str = "runs"  # final models and reports go to <runs_dir>/<study-name>/
+    artifact_dir: str | None = None  # None: beside the SQLite file, else ./artifacts
 
     def __post_init__(self) -> None:
         positive = {"--n-trials": self.n_trials, "--epochs": self.epochs,

@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip the final retrain, export and report")
     parser.add_argument("--final-seeds", type=int, default=3,
                         help="seeds for the final retrain (default 3)")
+    parser.add_argument("--runs-dir", default="runs",
+                        help="final model and report go to RUNS_DIR/<study-name>/")
+    parser.add_argument("--artifact-dir", help="Optuna artifact store (default: beside the "
+                        "SQLite file, e.g. studies-artifacts/, else ./artifacts)")
     return parser
 
 
@@ -74,7 +78,7 @@ def config_from_args(argv: list[str] | None = None) -> RunConfig:
         timeout=args.timeout, epochs=args.epochs, batch_size=args.batch_size,
         storage=args.storage, study_name=args.study_name, seed=args.seed, device=args.device,
         sampler=args.sampler, pruner=args.pruner, final=args.final,
-        final_seeds=args.final_seeds,
+        final_seeds=args.final_seeds, runs_dir=args.runs_dir, artifact_dir=args.artifact_dir,
     )
 
 
@@ -124,7 +128,7 @@ class TrialReporter:
         self.bar.close()
 
 
-def search(cfg: RunConfig) -> optuna.Study:
+def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
     """Open the storage, load the data once, run the trials. Raises ConfigError."""
     spec = registry.get(cfg.study)
     device = resolve_device(cfg.device)
@@ -151,19 +155,20 @@ def search(cfg: RunConfig) -> optuna.Study:
     if best is not None:
         log.info("best trial %d: val accuracy %.4f, params %s", study.best_trial.number,
                  best, study.best_trial.params)
-    log.info("browse: optuna-dashboard %s", cfg.storage)
-    return study
+    log.info("browse: optuna-dashboard %s --artifact-dir %s", cfg.storage,
+             storage.artifact_dir(cfg.storage, cfg.artifact_dir))
+    return study, opened
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         cfg = config_from_args(argv)
-        study = search(cfg)
-        if cfg.final and best_value(study) is not None:
+        study, opened = search(cfg)
+        if cfg.final:
             from search.final import run_final
 
-            run_final(study, cfg)
+            run_final(study, cfg, opened)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -121,4 +121,25 @@ def _enable_wal(path: Path, shown: str) -> None:
         raise StorageError(f"cannot open storage {shown}: {exc}") from None
 
 
-__all__ = ["DEFAULT_URL", "open", "parse", "sqlite_path"]
+def artifact_dir(url: str, directory: str | Path | None = None) -> Path:
+    """Where the final models and reports are stored as Optuna artifacts: `directory` if
+    given, else beside an SQLite database (studies.db -> studies-artifacts/), else
+    ./artifacts. optuna-dashboard shows them with --artifact-dir pointing here."""
+    if directory is not None:
+        return Path(directory)
+    path = sqlite_path(url)
+    if path is not None:
+        return path.parent / f"{path.stem}-artifacts"
+    return Path("artifacts")
+
+
+def artifact_store(url: str, directory: str | Path | None = None):
+    """A file-system artifact store for the storage at `url` (see artifact_dir)."""
+    from optuna.artifacts import FileSystemArtifactStore
+
+    base = artifact_dir(url, directory)
+    base.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(base))
+
+
+__all__ = ["DEFAULT_URL", "artifact_dir", "artifact_store", "open", "parse", "sqlite_path"]

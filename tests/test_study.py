@@ -28,7 +28,7 @@ def _cfg(storage_url, study_name, **overrides):
 
 
 def test_new_study_runs_references_first_then_resumes(storage_url, study_name):
-    first = search(_cfg(storage_url, study_name, n_trials=3))
+    first, _ = search(_cfg(storage_url, study_name, n_trials=3))
     trials = first.get_trials()
     assert len(trials) == 3
     assert [t.user_attrs.get("reference") for t in trials[:2]] == ["lecture", "seed"]
@@ -40,7 +40,7 @@ def test_new_study_runs_references_first_then_resumes(storage_url, study_name):
     assert trials[0].user_attrs["seed"] == trial_seed(0, 0)
     assert sorted(trials[0].intermediate_values) == [1, 2]  # val accuracy every epoch
 
-    again = search(_cfg(storage_url, study_name, n_trials=2))
+    again, _ = search(_cfg(storage_url, study_name, n_trials=2))
     trials = again.get_trials()
     assert len(trials) == 5  # resumed and added; references not enqueued twice
     assert sum(1 for t in trials if t.user_attrs.get("reference")) == 2

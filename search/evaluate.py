@@ -1,0 +1,68 @@
+"""python -m search.evaluate runs/<study-name>/model.pt [--data NAME] [--data-dir DIR]
+
+Rebuilds a saved model from model.pt + model.json (no study needed), runs it on the test
+split of the data it was trained on (or --data), and prints the accuracy line and sklearn's
+per-class classification report: the same numbers as the run's report.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from search import data as data_module
+from search import metrics as metrics_module
+from search.errors import ConfigError
+from search.export import load_model
+from search.train import predict_scores
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(path: str, data: str | None = None, data_dir: str | None = None) -> dict:
+    """Load and score the model at `path`. Raises ConfigError (ModelFileError, DataError)
+    on a bad file or data whose images do not fit the model."""
+    loaded = load_model(path)
+    made = loaded.info.get("data", {})
+    name = data or made.get("dataset", "auto")
+    dataset = data_module.load(name, data_dir)
+    expected = tuple(loaded.info["input"]["shape"])
+    if dataset.image_shape != expected:
+        raise ConfigError(f"{path} takes {'x'.join(map(str, expected))} images; data set "
+                          f"{dataset.name} has {'x'.join(map(str, dataset.image_shape))}")
+    if len(dataset.classes) != len(loaded.info["classes"]):
+        raise ConfigError(f"{path} predicts {len(loaded.info['classes'])} classes; data set "
+                          f"{dataset.name} has {len(dataset.classes)}")
+    if made and (made.get("dataset"), made.get("n_test")) != (dataset.name, len(dataset.test)):
+        log.warning("the model was trained on %s (%s test images); scoring on %s (%d)",
+                    made.get("dataset"), made.get("n_test"), dataset.name, len(dataset.test))
+    predicted = predict_scores(loaded.model, dataset.test.x).argmax(1).numpy()
+    y_true = dataset.test.y.numpy()
+    result = metrics_module.compute(y_true, predicted, dataset.classes)
+    result["text"] = metrics_module.report_text(y_true, predicted, dataset.classes)
+    result["dataset"] = dataset.name
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from search.run import _Parser, setup_logging
+
+    setup_logging()
+    parser = _Parser(prog="python -m search.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="path to model.pt (model.json must be beside it)")
+    parser.add_argument("--data", choices=data_module.DATASETS,
+                        help="data set to score on (default: the one in model.json)")
+    parser.add_argument("--data-dir")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate(args.model, args.data, args.data_dir)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.model} on {result['dataset']}: {metrics_module.accuracy_line(result)}")
+    print(result["text"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

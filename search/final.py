@@ -1,0 +1,288 @@
+"""python -m search.final --study-name NAME [--storage URL] [--final-seeds 3]
+
+The final step (also run by `python -m search.run` unless --no-final): retrain the best
+trial's params and the study's reference configs with several seeds, save the best seed's
+model to runs/<study-name>/model.pt + model.json, reload it into a new instance, evaluate
+that on the test split (the only place the test split is read), export and check ONNX,
+write metrics.json and report.md/.html, and attach them to the best trial as Optuna
+artifacts with a study note for optuna-dashboard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import torch
+
+import storage
+from search import data as data_module
+from search import export, plots, registry, report, report_content
+from search import metrics as metrics_module
+from search.config import RunConfig, trial_seed, versions
+from search.data import Dataset
+from search.errors import ConfigError
+from search.registry import StudySpec
+from search.retrain import ConfigResult, retrain
+from search.train import predict_scores, resolve_device
+
+log = logging.getLogger(__name__)
+
+# final-retrain seeds are trial_seed(study seed, FINAL_SEED_OFFSET + k): never a trial's seed
+FINAL_SEED_OFFSET = 1_000_000
+MIMETYPES = {".pt": "application/octet-stream", ".onnx": "application/octet-stream",
+             ".json": "application/json", ".md": "text/markdown", ".html": "text/html",
+             ".png": "image/png"}
+
+
+@dataclass
+class Outcome:
+    study: optuna.Study
+    spec: StudySpec
+    dataset: Dataset
+    directory: Path
+    best_trial: optuna.trial.FrozenTrial
+    results: dict[str, ConfigResult]
+    model_info: dict = field(default_factory=dict)
+    test: dict = field(default_factory=dict)
+    report_text: str = ""
+    onnx: dict = field(default_factory=dict)
+    figures: dict[str, Path] = field(default_factory=dict)
+    importances: dict = field(default_factory=dict)
+    command: str = ""
+
+
+def _load_matching_data(study: optuna.Study, cfg: RunConfig) -> Dataset:
+    made = study.user_attrs.get("data", {})
+    dataset = data_module.load(made.get("dataset", cfg.data), cfg.data_dir)
+    now = dataset.describe()
+    for key in ("dataset", "n_train", "n_val", "n_test", "split_seed"):
+        if made and made.get(key) != now[key]:
+            raise ConfigError(f"study {study.study_name!r} was searched on {made.get('dataset')}"
+                              f" with {key}={made.get(key)!r}; the data found now has "
+                              f"{now[key]!r}; point --data-dir at the same files")
+    return dataset
+
+
+def _reproduce_command(study: optuna.Study, cfg: RunConfig) -> str:
+    made = study.user_attrs.get("config", {})
+    run = ["python", "-m", "search.run", "--study", study.user_attrs.get("study", cfg.study),
+           "--data", study.user_attrs.get("data", {}).get("dataset", cfg.data),
+           "--storage", cfg.storage, "--study-name", study.study_name,
+           "--seed", str(made.get("seed", cfg.seed)),
+           "--epochs", str(made.get("epochs", cfg.epochs)),
+           "--sampler", made.get("sampler", cfg.sampler),
+           "--pruner", made.get("pruner", cfg.pruner),
+           "--n-trials", str(len(study.trials)), "--final-seeds", str(cfg.final_seeds)]
+    redo = ["python", "-m", "search.final", "--storage", cfg.storage, "--study-name",
+            study.study_name, "--final-seeds", str(cfg.final_seeds)]
+    directory = Path(cfg.runs_dir) / study.study_name
+    return "\n".join([
+        "# the whole search (TPE resumed across runs is not bit-for-bit repeatable):",
+        shlex.join(run),
+        "# only this final step, from the stored study:",
+        shlex.join(redo),
+        "# evaluate the saved model again:",
+        shlex.join(["python", "-m", "search.evaluate", str(directory / "model.pt")]),
+    ])
+
+
+def run_final(study: optuna.Study, cfg: RunConfig,
+              opened: optuna.storages.BaseStorage | None = None) -> Outcome:
+    """Retrain, save, reload, evaluate, export and report. Raises ConfigError when the study
+    has no completed trial, its data cannot be found, or every retrain seed diverged."""
+    spec = registry.get(study.user_attrs.get("study", cfg.study))
+    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not completed:
+        raise ConfigError(f"study {study.study_name!r} has no completed trial to retrain; "
+                          "run more trials first")
+    best_trial = study.best_trial
+    dataset = _load_matching_data(study, cfg)
+    device = resolve_device(cfg.device)
+    params = spec.suggest(optuna.trial.FixedTrial(best_trial.params))
+    epochs = int(best_trial.user_attrs.get("epochs", cfg.epochs))
+    seeds = [trial_seed(cfg.seed, FINAL_SEED_OFFSET + k) for k in range(cfg.final_seeds)]
+    log.info("final: retraining trial %d's params and %d reference configs with seeds %s, "
+             "%d epochs each", best_trial.number, len(spec.references), seeds, epochs)
+
+    def train(config_params, label):
+        return retrain(spec, config_params, label, dataset, seeds=seeds, epochs=epochs,
+                       batch_size=cfg.batch_size, device=device)
+
+    results = {"best found": train(params, "best found")}
+    for name, reference in spec.references.items():
+        label = f"{name} net"
+        same = reference == params
+        results[label] = (dataclasses.replace(results["best found"], label=label) if same
+                          else train(reference, label))
+    best_result = results["best found"]
+    if not best_result.runs:
+        raise ConfigError(f"every final retrain seed of trial {best_trial.number} diverged: "
+                          f"{'; '.join(best_result.failures)}")
+    directory = Path(cfg.runs_dir) / study.study_name
+    outcome = Outcome(study, spec, dataset, directory, best_trial, results)
+    _save_and_reload(outcome, params, epochs, cfg)
+    _write_figures(outcome)
+    outcome.command = _reproduce_command(study, cfg)
+    title = f"Study {study.study_name}"
+    md, page = report.write(report_content.build(outcome), directory, title)
+    _attach(outcome, opened or study._storage, cfg)
+    log.info("final model: %s", metrics_module.accuracy_line(outcome.test))
+    log.info("wrote %s, %s and model.pt/.json/.onnx, metrics.json in %s", md.name, page.name,
+             directory)
+    return outcome
+
+
+def _save_and_reload(outcome: Outcome, params, epochs: int, cfg: RunConfig) -> None:
+    spec, dataset, run = outcome.spec, outcome.dataset, outcome.results["best found"].best_run()
+    built = spec.build(params, dataset.image_shape, len(dataset.classes), dataset.mean,
+                       dataset.std)
+    model = built.model
+    model.load_state_dict(run.state)
+    model.eval()
+    info = {
+        "study": spec.name, "study_name": outcome.study.study_name,
+        "space_version": spec.space_version, "trial_number": outcome.best_trial.number,
+        "params": outcome.best_trial.params, "params_resolved": dataclasses.asdict(params),
+        "input": {"shape": list(dataset.image_shape), "dtype": "float32",
+                  "scale": "uint8 pixels / 255", "mean": dataset.mean, "std": dataset.std,
+                  "normalized_inside_model": True},
+        "classes": list(dataset.classes), "data": dataset.describe(),
+        "training": {"epochs": epochs, "best_epoch": run.best_epoch, "seed": run.seed,
+                     "seeds": [r.seed for r in outcome.results["best found"].runs],
+                     "batch_size": cfg.batch_size},
+        "n_parameters": outcome.results["best found"].n_parameters,
+        "versions": versions(),
+    }
+    weights, meta = export.save_model(model, outcome.directory, info)
+    loaded = export.load_model(weights)  # a new instance, from the two files only
+    in_memory = predict_scores(model, dataset.test.x)
+    reloaded = predict_scores(loaded.model, dataset.test.x)
+    if not torch.equal(in_memory.argmax(1), reloaded.argmax(1)) or not torch.allclose(
+            in_memory, reloaded, atol=1e-6):
+        raise RuntimeError(f"{weights}: the reloaded model predicts differently from the "
+                           "trained one; this is a bug, please report it")
+    y_true, y_pred = dataset.test.y.numpy(), reloaded.argmax(1).numpy()
+    outcome.test = metrics_module.compute(y_true, y_pred, dataset.classes)
+    outcome.report_text = metrics_module.report_text(y_true, y_pred, dataset.classes)
+    outcome.model_info = {**loaded.info, "metrics": {
+        "val_accuracy": run.val_accuracy, "test_accuracy": outcome.test["accuracy"],
+        "macro_f1": outcome.test["macro_f1"], "n_test": outcome.test["n_test"]}}
+    meta.write_text(json.dumps(outcome.model_info, indent=2) + "\n")  # model.pt unchanged
+    onnx_path = outcome.directory / "model.onnx"
+    exporter = export.export_onnx(loaded.model, onnx_path, dataset.test.x[:2].float() / 255)
+    outcome.onnx = {**export.check_onnx(onnx_path, loaded.model, dataset.test.x),
+                    "exporter": exporter}
+    summary = {label: r.summary() for label, r in outcome.results.items()}
+    (outcome.directory / "metrics.json").write_text(json.dumps(
+        {**outcome.test, "model": "model.pt (reloaded)", "onnx_check": outcome.onnx,
+         "comparison": summary}, indent=2) + "\n")
+
+
+def _write_figures(outcome: Outcome) -> None:
+    folder = outcome.directory / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    importance_fig, outcome.importances = plots.param_importances(outcome.study)
+    figures = {
+        "history": plots.optimization_history(outcome.study),
+        "importances": importance_fig,
+        "slices": plots.param_slices(outcome.study),
+        "curves": plots.training_curves(outcome.results),
+        "confusion": plots.confusion(outcome.test["confusion_matrix"],
+                                     list(outcome.dataset.classes)),
+    }
+    for key, fig in figures.items():
+        if fig is not None:
+            path = folder / f"{key}.png"
+            plots.save(fig, path)
+            outcome.figures[key] = path
+
+
+def _attach(outcome: Outcome, opened, cfg: RunConfig) -> None:
+    """Upload the files as Optuna artifacts and write the study note.
+
+    They are artifacts of the study, not of the best trial: Optuna refuses to change a
+    finished trial (UpdateFinishedTrialError), and the best trial is finished before the
+    final retrain starts. The note and the user attribute `final` name the trial.
+    """
+    from optuna.artifacts import upload_artifact
+    from optuna_dashboard import save_note
+
+    store = storage.artifact_store(cfg.storage, cfg.artifact_dir)
+    names = ["model.pt", "model.json", "model.onnx", "metrics.json", "report.md",
+             "report.html", *[f"figures/{p.name}" for p in outcome.figures.values()]]
+    uploaded = {}
+    for name in names:
+        path = outcome.directory / name
+        uploaded[name] = upload_artifact(
+            artifact_store=store, file_path=str(path), study_or_trial=outcome.study,
+            storage=opened, mimetype=MIMETYPES.get(path.suffix, "application/octet-stream"))
+    outcome.study.set_user_attr("final", {
+        "trial": outcome.best_trial.number, "directory": str(outcome.directory),
+        "test_accuracy": outcome.test["accuracy"], "macro_f1": outcome.test["macro_f1"],
+        "artifacts": uploaded})
+    rows = [f"| {label} | {r.summary()['test_accuracy']['mean']:.4f} | "
+            f"{r.summary()['n_parameters']:,} |" for label, r in outcome.results.items()
+            if r.runs]
+    note = "\n".join([
+        f"## Final model: trial {outcome.best_trial.number}, retrained",
+        "",
+        f"**{metrics_module.accuracy_line(outcome.test)}**, from the model reloaded from "
+        f"`{outcome.directory / 'model.pt'}`.",
+        "",
+        "| config | test accuracy (mean over seeds) | parameters |",
+        "|---|---|---|",
+        *rows,
+        "",
+        f"Files (study artifacts, below): {', '.join(names[:6])} and the figures. "
+        f"Report: `{outcome.directory / 'report.html'}`.",
+    ])
+    save_note(outcome.study, note)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from search.run import _Parser, setup_logging
+
+    setup_logging()
+    parser = _Parser(prog="python -m search.final", description=__doc__.splitlines()[0])
+    parser.add_argument("--study-name", required=True)
+    parser.add_argument("--storage", default=storage.DEFAULT_URL)
+    parser.add_argument("--final-seeds", type=int, default=3)
+    parser.add_argument("--data-dir")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--artifact-dir")
+    args = parser.parse_args(argv)
+    try:
+        opened = storage.open(args.storage)
+        try:
+            study = optuna.load_study(study_name=args.study_name, storage=opened)
+        except KeyError:
+            names = [s.study_name for s in optuna.get_all_study_summaries(opened)]
+            raise ConfigError(f"no study {args.study_name!r} in {args.storage}; studies there: "
+                              f"{', '.join(names) or 'none'}") from None
+        made = study.user_attrs.get("config", {})
+        cfg = RunConfig(
+            study=study.user_attrs.get("study", "mlp"), data=made.get("data", "auto"),
+            data_dir=args.data_dir or made.get("data_dir"), epochs=made.get("epochs", 20),
+            batch_size=made.get("batch_size", 128), storage=args.storage,
+            study_name=args.study_name, seed=made.get("seed", 0), device=args.device,
+            sampler=made.get("sampler", "tpe"), pruner=made.get("pruner", "hyperband"),
+            final_seeds=args.final_seeds, runs_dir=args.runs_dir,
+            artifact_dir=args.artifact_dir,
+        )
+        run_final(study, cfg, opened)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

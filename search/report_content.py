@@ -1,0 +1,235 @@
+"""What the final report says, as blocks for `search.report` to render (md and html)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+from datetime import timedelta
+
+import optuna
+
+from search import metrics as metrics_module
+from search.report import Block, Code, Heading, Image, Table, Text
+
+# a best value within this share of its range (on the sampled scale) is "on the boundary"
+BOUNDARY_SHARE = 0.05
+_D = optuna.distributions
+
+
+def describe_distribution(distribution) -> str:
+    if isinstance(distribution, _D.CategoricalDistribution):
+        return "one of " + ", ".join(str(c) for c in distribution.choices)
+    kind = "int" if isinstance(distribution, _D.IntDistribution) else "float"
+    scale = ", log scale" if distribution.log else ""
+    return f"{kind} in [{distribution.low:g}, {distribution.high:g}]{scale}"
+
+
+def boundary(value, distribution) -> str | None:
+    """'lower' or 'upper' when a numeric value sits within BOUNDARY_SHARE of that end."""
+    if isinstance(distribution, _D.CategoricalDistribution):
+        return None
+    low, high = float(distribution.low), float(distribution.high)
+    if high <= low:
+        return None
+    if distribution.log:
+        low, high, value = math.log(low), math.log(high), math.log(float(value))
+    position = (float(value) - low) / (high - low)
+    if position <= BOUNDARY_SHARE:
+        return "lower"
+    if position >= 1 - BOUNDARY_SHARE:
+        return "upper"
+    return None
+
+
+def search_space(study: optuna.Study) -> dict:
+    space: dict = {}
+    for trial in study.get_trials(deepcopy=False):
+        space.update(trial.distributions)
+    return dict(sorted(space.items()))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return str(value)
+
+
+def _mean_sd(stats: dict, digits: int = 4) -> str:
+    n = len(stats["values"])
+    if n == 0:
+        return "-"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}" if n > 1 else (
+        f"{stats['mean']:.{digits}f}")
+
+
+def param_changes(reference, best) -> list[str]:
+    ref, new = dataclasses.asdict(reference), dataclasses.asdict(best)
+    return [f"{k} {_fmt(ref[k])} → {_fmt(new[k])}" for k in new if ref.get(k) != new[k]]
+
+
+def _time_spent(study: optuna.Study) -> str:
+    trials = [t for t in study.get_trials(deepcopy=False)
+              if t.datetime_start and t.datetime_complete]
+    if not trials:
+        return "-"
+    busy = sum(((t.datetime_complete - t.datetime_start) for t in trials), timedelta())
+    wall = max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)
+    return (f"{busy.total_seconds():.0f} s of training in trials, "
+            f"{wall.total_seconds():.0f} s from first trial start to last trial end")
+
+
+def build(outcome) -> list[Block]:
+    study, ds, results = outcome.study, outcome.dataset, outcome.results
+    best_trial, test = outcome.best_trial, outcome.test
+    best_summary = results["best found"].summary()
+    blocks: list[Block] = [Heading(f"Study {study.study_name}", 1)]
+    compare = ", ".join(
+        f"{label} {results[label].summary()['test_accuracy']['mean']:.4f}"
+        for label in results if label != "best found" and results[label].runs)
+    blocks.append(Text(
+        f"**Best found: {metrics_module.accuracy_line(test)}** (the saved model, reloaded from "
+        f"model.pt + model.json). Mean over {len(best_summary['seeds'])} retrain seeds: "
+        f"{_mean_sd(best_summary['test_accuracy'])}" + (f"; {compare}." if compare else ".")))
+
+    blocks += [Heading("Data"), Table(["", ""], [
+        ["dataset", f"{ds.name} (from {ds.source})"],
+        ["splits", f"{len(ds.train)} train / {len(ds.val)} validation (fixed, seeded, "
+                   f"stratified) / {len(ds.test)} test (final evaluation only)"],
+        ["input", f"{'x'.join(map(str, ds.image_shape))} images, pixels / 255, then "
+                  f"normalized with the training split's mean {ds.mean:.4f} and std "
+                  f"{ds.std:.4f}"],
+        ["classes", ", ".join(ds.classes)],
+    ])]
+    blocks += [Text(f"Note: {note}") for note in ds.notes]
+
+    states = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
+    config = study.user_attrs.get("config", {})
+    blocks += [
+        Heading("Search"),
+        Text(f"{sum(states.values())} trials: "
+             + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+             + f". Sampler {config.get('sampler', '?')}, pruner {config.get('pruner', '?')}, "
+             f"{config.get('epochs', '?')} epochs per trial, objective: best validation "
+             f"accuracy over a trial's epochs. Time: {_time_spent(study)}."),
+        Table(["parameter", "searched over"],
+              [[name, describe_distribution(d)] for name, d in search_space(study).items()]),
+    ]
+    failures = Counter(t.user_attrs["failure"].split(" in epoch")[0]
+                       for t in study.get_trials(deepcopy=False) if "failure" in t.user_attrs)
+    if failures:
+        blocks.append(Text("Trials stopped by a failure: " + "; ".join(
+            f"{n}x {why}" for why, n in failures.most_common())))
+
+    blocks.append(Heading("Best parameters"))
+    rows, on_edge = [], []
+    for name, value in best_trial.params.items():
+        distribution = best_trial.distributions[name]
+        edge = boundary(value, distribution)
+        if edge:
+            on_edge.append(f"{name} ({edge} end)")
+        rows.append([name, _fmt(value), describe_distribution(distribution),
+                     f"**{edge} end**" if edge else ""])
+    blocks.append(Text(f"Trial {best_trial.number}, validation accuracy {best_trial.value:.4f}."))
+    blocks.append(Table(["parameter", "best", "range", "on boundary"], rows))
+    blocks.append(Text(
+        "On the boundary of its range: " + ", ".join(on_edge) + ". The optimum may lie "
+        "outside the space; widen these ranges in a new space version." if on_edge else
+        "No numeric parameter sits on the boundary of its range (within 5% of it)."))
+
+    blocks += _comparison(outcome)
+    blocks += _final_model(outcome)
+    blocks += _figures(outcome)
+    onnx = outcome.onnx
+    blocks += [
+        Heading("Files"),
+        Table(["file", "what"], [
+            ["model.pt", f"state_dict only, sha256 `{outcome.model_info['sha256']}`"],
+            ["model.json", "architecture params, data, normalization, classes, metrics, "
+                           "versions"],
+            ["model.onnx", f"input `image` float [N, {', '.join(map(str, ds.image_shape))}] "
+                           f"in [0, 1]; onnxruntime {onnx['onnxruntime']} agrees on "
+                           f"{onnx['images']} test images (same predictions, max |diff| "
+                           f"{onnx['max_abs_diff']:.1e} ≤ {onnx['atol']:.0e})"],
+            ["metrics.json", "test accuracy, macro F1, per-class precision/recall/F1"],
+        ]),
+        Heading("Reproduce"),
+        Code(outcome.command),
+        Table(["library", "version"], [[k, v] for k, v in outcome.model_info["versions"].items()]),
+    ]
+    return blocks
+
+
+def _comparison(outcome) -> list[Block]:
+    results = outcome.results
+    rows = []
+    for label, result in results.items():
+        if not result.runs:
+            rows.append([label, _fmt(result.params), str(result.n_parameters), "-", "-", "-",
+                         "-", "all seeds diverged"])
+            continue
+        s = result.summary()
+        rows.append([label, _fmt(getattr(result.params, "widths", "")),
+                     f"{s['n_parameters']:,}", _mean_sd(s["val_accuracy"]),
+                     _mean_sd(s["test_accuracy"]), _mean_sd(s["macro_f1"]),
+                     f"{s['seconds_per_epoch']:.2f}", "; ".join(s["failures"])])
+    blocks: list[Block] = [
+        Heading("Lecture net, seed net and best found"),
+        Text("Each retrained with the same seeds on the training split, keeping the best "
+             "validation epoch; test scores are mean ± standard deviation over seeds."),
+        Table(["config", "hidden widths", "parameters", "val accuracy", "test accuracy",
+               "macro F1", "s/epoch", "notes"], rows),
+    ]
+    best = results["best found"]
+    for label, result in results.items():
+        if label == "best found" or not result.runs or not best.runs:
+            continue
+        delta = (best.summary()["test_accuracy"]["mean"]
+                 - result.summary()["test_accuracy"]["mean"]) * 100
+        changes = param_changes(result.params, best.params)
+        blocks.append(Text(
+            f"**From the {label} to the best found** ({', '.join(changes) or 'no change'}): "
+            f"test accuracy {delta:+.2f} points"))
+    return blocks
+
+
+def _final_model(outcome) -> list[Block]:
+    test, classes = outcome.test, outcome.dataset.classes
+    rows = [[name, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}",
+             str(m["support"])] for name, m in test["per_class"].items()]
+    blocks: list[Block] = [
+        Heading("Final model on the test set"),
+        Text(f"Computed by a new model instance loaded from model.pt and model.json; its "
+             f"predictions equal the in-memory model's on all {test['n_test']} test images. "
+             f"{metrics_module.accuracy_line(test)}."),
+        Table(["class", "precision", "recall", "F1", "support"], rows),
+        Code(outcome.report_text),
+    ]
+    if "confusion" in outcome.figures:
+        blocks.append(Image(outcome.figures["confusion"], "Confusion matrix"))
+    worst = sorted(test["per_class"].items(), key=lambda kv: kv[1]["f1"])[:2]
+    if len(classes) > 2:
+        blocks.append(Text("Weakest classes by F1: " + ", ".join(
+            f"{name} ({m['f1']:.3f})" for name, m in worst) + "."))
+    return blocks
+
+
+def _figures(outcome) -> list[Block]:
+    captions = {
+        "history": "Optimization history (validation accuracy per trial)",
+        "importances": "Parameter importances (fANOVA)",
+        "slices": "Each tuned parameter against validation accuracy",
+        "curves": "Training curves of the final retrain",
+    }
+    blocks: list[Block] = [Heading("Search figures")]
+    for key, caption in captions.items():
+        if key in outcome.figures:
+            blocks.append(Image(outcome.figures[key], caption))
+        else:
+            blocks.append(Text(f"{caption}: not enough completed trials to draw."))
+    if outcome.importances:
+        blocks.append(Table(["parameter", "importance"],
+                            [[k, f"{v:.3f}"] for k, v in outcome.importances.items()]))
+    return blocks

@@ -1,0 +1,106 @@
+"""Retraining one configuration with several seeds, for the final step of `search.run`.
+
+Each seed trains on the training split and keeps the weights of its best validation epoch
+(not the last). Test metrics are computed here, after training, on the CPU, for the report's
+comparison; nothing here chooses anything by test score: the best seed is the best on
+validation.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+
+from search import metrics as metrics_module
+from search.data import Dataset
+from search.errors import TrialDiverged
+from search.models import count_parameters
+from search.registry import StudySpec
+from search.train import DeviceSplit, EpochResult, fit, predict_scores
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SeedRun:
+    seed: int
+    history: list[EpochResult]
+    best_epoch: int
+    val_accuracy: float
+    state: dict  # CPU state_dict of the best validation epoch
+    test: dict  # metrics.compute() on the test split
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return statistics.fmean(r.seconds for r in self.history)
+
+
+@dataclass
+class ConfigResult:
+    label: str
+    params: object
+    n_parameters: int
+    runs: list[SeedRun] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def best_run(self) -> SeedRun:
+        """The seed with the best validation accuracy (never chosen on test)."""
+        return max(self.runs, key=lambda r: r.val_accuracy)
+
+    def summary(self) -> dict:
+        def stats(values: list[float]) -> dict:
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            return {"mean": statistics.fmean(values), "std": spread, "values": values}
+
+        return {
+            "label": self.label,
+            "n_parameters": self.n_parameters,
+            "seeds": [r.seed for r in self.runs],
+            "val_accuracy": stats([r.val_accuracy for r in self.runs]),
+            "test_accuracy": stats([r.test["accuracy"] for r in self.runs]),
+            "macro_f1": stats([r.test["macro_f1"] for r in self.runs]),
+            "seconds_per_epoch": statistics.fmean(r.seconds_per_epoch for r in self.runs),
+            "failures": self.failures,
+        }
+
+
+def retrain(spec: StudySpec, params, label: str, dataset: Dataset, *, seeds: list[int],
+            epochs: int, batch_size: int, device: torch.device) -> ConfigResult:
+    """Train `params` once per seed. A seed whose loss diverges is recorded and skipped."""
+    train = DeviceSplit.of(dataset.train, device)
+    val = DeviceSplit.of(dataset.val, device)
+    result: ConfigResult | None = None
+    for seed in seeds:
+        torch.manual_seed(seed)
+        built = spec.build(params, dataset.image_shape, len(dataset.classes),
+                           dataset.mean, dataset.std)
+        model = built.model.to(device)
+        if result is None:
+            result = ConfigResult(label, params, count_parameters(model))
+        best = {"accuracy": -1.0, "epoch": 0, "state": None}
+
+        def keep_best(epoch: EpochResult, model=model, best=best) -> None:
+            if epoch.val_accuracy > best["accuracy"]:
+                state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                best.update(accuracy=epoch.val_accuracy, epoch=epoch.epoch, state=state)
+
+        try:
+            history = fit(model, built.loss_fn, built.make_optimizer(model), train, val,
+                          epochs=epochs, batch_size=batch_size, seed=seed, on_epoch=keep_best)
+        except TrialDiverged as exc:
+            log.warning("%s seed %d diverged: %s", label, seed, exc)
+            result.failures.append(f"seed {seed}: {exc}")
+            continue
+        model = model.cpu()
+        model.load_state_dict(best["state"])
+        predicted = predict_scores(model, dataset.test.x).argmax(1).numpy()
+        test = metrics_module.compute(dataset.test.y.numpy(), predicted, dataset.classes)
+        result.runs.append(SeedRun(seed, history, best["epoch"], best["accuracy"],
+                                   best["state"], test))
+        log.info("final %s seed %d: best val %.4f at epoch %d, test %.4f", label, seed,
+                 best["accuracy"], best["epoch"], test["accuracy"])
+    assert result is not None
+    return result
