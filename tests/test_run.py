@@ -68,12 +68,16 @@ def test_no_traceback_from_a_real_process(tmp_path):
     ]
 
 
-def test_end_to_end_run_writes_study_to_default_sqlite(tmp_path):
+def test_end_to_end_run_writes_study_and_final_files(tmp_path):
     result = run_cli("--study", "mlp", "--data", "digits", "--n-trials", "4", "--epochs", "3",
-                     "--no-final", cwd=tmp_path)
+                     "--final-seeds", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "trial 0 COMPLETE" in result.stderr and "[lecture]" in result.stderr
     assert "best=" in result.stderr
     study = optuna.load_study(study_name="mlp-digits", storage="sqlite:///studies.db")
     assert len(study.trials) == 4 and study.best_value > 0.8
     assert (tmp_path / "studies.db").is_file()
+    for name in ("model.pt", "model.json", "model.onnx", "metrics.json", "report.html"):
+        assert (tmp_path / "runs" / "mlp-digits" / name).is_file()
+    assert any((tmp_path / "studies-artifacts").iterdir())
+    assert "final model: test accuracy" in result.stderr

@@ -97,3 +97,22 @@ def test_diverging_trial_is_pruned_with_reason_and_study_goes_on(storage_url, st
     assert "became nan" in diverged.user_attrs["failure"]
     assert trials[3].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert study.best_value > 0.5
+
+
+class _Forbidden:
+    """Stands in for the test split: any use of it inside a trial fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"a trial read the test split ({name})")
+
+    def __len__(self):
+        raise AssertionError("a trial read the test split (len)")
+
+
+def test_trials_never_read_the_test_split(tmp_path, digits):
+    blind = dataclasses.replace(digits, test=_Forbidden())
+    cfg = _cfg(f"sqlite:///{tmp_path / 's.db'}", "blind", epochs=2)
+    # the study records the test split's size; the trials must not touch it at all
+    study = open_study(cfg, STUDIES["mlp"], digits, storage.open(cfg.storage), "blind")
+    study.optimize(Objective(STUDIES["mlp"], blind, cfg, torch.device("cpu")), n_trials=3)
+    assert all(t.state == TrialState.COMPLETE for t in study.get_trials()[:2])

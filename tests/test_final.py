@@ -1,0 +1,256 @@
+"""The final step on a real (tiny) study: files, reload, evaluate, ONNX, report, dashboard."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from wsgiref.util import setup_testing_defaults
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+import storage
+from search import evaluate as evaluate_module
+from search import final as final_module
+from search.config import RunConfig
+from search.errors import ConfigError
+from search.export import ModelFileError, check_onnx, load_model, sha256_of
+from search.run import search
+from search.train import predict_scores
+
+FILES = ("model.pt", "model.json", "model.onnx", "metrics.json", "report.md", "report.html")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One searched + finalized study on sklearn's digits, shared by this module's tests."""
+    root = tmp_path_factory.mktemp("final")
+    cfg = RunConfig(study="mlp", data="digits", n_trials=5, epochs=4,
+                    storage=f"sqlite:///{root / 'studies.db'}", final_seeds=2,
+                    runs_dir=str(root / "runs"))
+    study, opened = search(cfg)
+    outcome = final_module.run_final(study, cfg, opened)
+    return cfg, study, outcome, root / "runs" / "mlp-digits"
+
+
+def test_all_files_are_written(finished):
+    _, _, _, directory = finished
+    for name in FILES:
+        assert (directory / name).is_file(), name
+    info = json.loads((directory / "model.json").read_text())
+    assert info["sha256"] == sha256_of(directory / "model.pt")
+    assert info["study"] == "mlp" and info["data"]["dataset"] == "digits"
+    assert info["input"]["shape"] == [1, 8, 8] and len(info["classes"]) == 10
+    assert 0 < info["input"]["mean"] < 1 and "torch" in info["versions"]
+    assert set(info["metrics"]) >= {"test_accuracy", "macro_f1", "val_accuracy"}
+    # a state_dict only: it loads with weights_only=True into plain tensors
+    state = torch.load(directory / "model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_reloaded_model_predicts_like_the_trained_one(finished):
+    _, _, outcome, directory = finished
+    spec, dataset = outcome.spec, outcome.dataset
+    run = outcome.results["best found"].best_run()
+    built = spec.build(outcome.results["best found"].params, dataset.image_shape, 10,
+                       dataset.mean, dataset.std)
+    built.model.load_state_dict(run.state)
+    reloaded = load_model(directory / "model.pt")
+    assert reloaded.model is not built.model
+    a = predict_scores(built.model, dataset.test.x)
+    b = predict_scores(reloaded.model, dataset.test.x)
+    assert torch.equal(a.argmax(1), b.argmax(1)) and torch.allclose(a, b)
+    accuracy = float((b.argmax(1) == dataset.test.y).float().mean())
+    assert accuracy == pytest.approx(outcome.test["accuracy"])
+
+
+def test_best_seed_is_chosen_on_validation_not_test(finished):
+    _, _, outcome, _ = finished
+    result = outcome.results["best found"]
+    assert result.best_run().val_accuracy == max(r.val_accuracy for r in result.runs)
+
+
+def test_evaluate_prints_the_reports_accuracy_exactly(finished, capsys):
+    _, _, outcome, directory = finished
+    assert evaluate_module.main([str(directory / "model.pt")]) == 0
+    printed = capsys.readouterr().out
+    line = re.search(r"test accuracy [0-9.]+ \(\d+/\d+\), macro F1 [0-9.]+", printed).group(0)
+    assert line in (directory / "report.md").read_text()
+    assert "macro avg" in printed and printed.count("\n") > 12
+
+
+def test_evaluate_refuses_data_of_another_shape(finished, capsys):
+    _, _, _, directory = finished
+    assert evaluate_module.main([str(directory / "model.pt"), "--data", "mnist-5k"]) == 2
+    assert "takes 1x8x8 images" in capsys.readouterr().err
+
+
+def test_onnx_agrees_and_a_wrong_model_is_caught(finished):
+    _, _, outcome, directory = finished
+    metrics = json.loads((directory / "metrics.json").read_text())
+    assert metrics["onnx_check"]["same_predictions"] is True
+    assert metrics["onnx_check"]["max_abs_diff"] <= metrics["onnx_check"]["atol"]
+    other = outcome.spec.build(outcome.spec.references["lecture"], (1, 8, 8), 10, 0.3, 0.4)
+    with pytest.raises(ModelFileError, match="onnxruntime disagrees"):
+        check_onnx(directory / "model.onnx", other.model, outcome.dataset.test.x)
+
+
+def test_metrics_json_has_per_class_scores(finished):
+    _, _, _, directory = finished
+    metrics = json.loads((directory / "metrics.json").read_text())
+    assert set(metrics["per_class"]) == {str(d) for d in range(10)}
+    assert all(set(m) == {"precision", "recall", "f1", "support"}
+               for m in metrics["per_class"].values())
+    assert sum(m["support"] for m in metrics["per_class"].values()) == metrics["n_test"]
+    assert np.asarray(metrics["confusion_matrix"]).sum() == metrics["n_test"]
+
+
+def test_report_contents(finished):
+    _, study, outcome, directory = finished
+    md = (directory / "report.md").read_text()
+    per_class = re.search(r"\| class \| precision \| recall \| F1 \| support \|\n\|.*\|\n"
+                          r"((?:\|.*\|\n)+)", md).group(1)
+    assert len(per_class.strip().splitlines()) == 10  # a row per class
+    comparison = md.split("## Lecture net, seed net and best found")[1].split("##")[0]
+    for label in ("best found", "lecture net", "seed net"):
+        assert f"| {label} |" in comparison
+    assert "From the lecture net to the best found" in comparison
+    for heading in ("## Data", "## Search", "## Best parameters", "## Reproduce"):
+        assert heading in md
+    assert "on boundary" in md and "python -m search.run --study mlp" in md
+    for figure in ("history", "slices", "curves", "confusion"):
+        assert (directory / "figures" / f"{figure}.png").is_file()
+        assert f"figures/{figure}.png" in md
+    page = (directory / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 4 and "src='figures/" not in page
+    assert "<table>" in page and "macro avg" in page
+
+
+def _get(app, path):
+    environ = {"PATH_INFO": path, "REQUEST_METHOD": "GET"}
+    setup_testing_defaults(environ)
+    status = {}
+
+    def start_response(code, headers, exc_info=None):
+        status["code"] = code
+
+    body = b"".join(app(environ, start_response))
+    return status["code"], body
+
+
+def test_dashboard_api_lists_artifacts_and_note(finished):
+    from optuna_dashboard import wsgi
+
+    cfg, study, _, directory = finished
+    opened = storage.open(cfg.storage)
+    app = wsgi(opened, artifact_store=storage.artifact_store(cfg.storage))
+    code, body = _get(app, f"/api/studies/{study._study_id}")
+    assert code.startswith("200")
+    detail = json.loads(body)
+    names = {a["filename"] for a in detail["artifacts"]}
+    assert set(FILES) <= names and "confusion.png" in names
+    assert "Final model" in detail["note"]["body"] and "test accuracy" in detail["note"]["body"]
+    model_pt = next(a for a in detail["artifacts"] if a["filename"] == "model.pt")
+    code, body = _get(app, f"/artifacts/{study._study_id}/{model_pt['artifact_id']}")
+    assert code.startswith("200") and body == (directory / "model.pt").read_bytes()
+
+
+def test_final_cli_unknown_study_and_no_completed_trial(finished, tmp_path, capsys):
+    cfg, _, _, _ = finished
+    assert final_module.main(["--study-name", "nope", "--storage", cfg.storage]) == 2
+    assert "no study 'nope'" in capsys.readouterr().err
+    empty = optuna.create_study(storage=cfg.storage, study_name="empty")
+    with pytest.raises(ConfigError, match="no completed trial"):
+        final_module.run_final(empty, cfg)
+
+
+# --- every way model.pt / model.json can be wrong --------------------------------------
+
+
+@pytest.fixture
+def copy(finished, tmp_path):
+    _, _, _, directory = finished
+    for name in ("model.pt", "model.json"):
+        shutil.copy(directory / name, tmp_path / name)
+    return tmp_path
+
+
+def _set_json(folder, **changes):
+    info = json.loads((folder / "model.json").read_text())
+    info.update(changes)
+    (folder / "model.json").write_text(json.dumps(info))
+
+
+def test_truncated_weights(copy):
+    data = (copy / "model.pt").read_bytes()
+    (copy / "model.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match=r"model\.pt: sha256 .* truncated, corrupted"):
+        load_model(copy / "model.pt")
+
+
+def test_corrupted_weights_with_matching_digest(copy):
+    (copy / "model.pt").write_bytes(b"this is not a zip archive at all")
+    _set_json(copy, sha256=sha256_of(copy / "model.pt"))
+    with pytest.raises(ModelFileError, match="not a readable PyTorch file"):
+        load_model(copy / "model.pt")
+
+
+def test_missing_or_broken_json(copy):
+    (copy / "model.json").write_text("{not json")
+    with pytest.raises(ModelFileError, match=r"model\.json: not valid JSON"):
+        load_model(copy / "model.pt")
+    (copy / "model.json").unlink()
+    with pytest.raises(ModelFileError, match=r"model\.json: missing"):
+        load_model(copy / "model.pt")
+    with pytest.raises(ModelFileError, match="no such file"):
+        load_model(copy / "other.pt")
+
+
+def test_wrong_format_version(copy):
+    _set_json(copy, format="someone-else/7")
+    with pytest.raises(ModelFileError, match="format 'someone-else/7'"):
+        load_model(copy / "model.pt")
+
+
+def test_wrong_architecture_names_what_differs(copy):
+    info = json.loads((copy / "model.json").read_text())
+    params = dict(info["params"])
+    params["n_units_l0"] = params["n_units_l0"] + 1
+    _set_json(copy, params=params)
+    with pytest.raises(ModelFileError, match=r"does not fit the architecture in model\.json: "
+                                             r".*size mismatch"):
+        load_model(copy / "model.pt")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_pickle_that_would_run_code_is_refused(copy, monkeypatch):
+    monkeypatch.chdir(copy)
+    torch.save({"weights": _RunsCode()}, copy / "model.pt")
+    _set_json(copy, sha256=sha256_of(copy / "model.pt"))  # an attacker can fix the digest
+    with pytest.raises(ModelFileError, match="refused: it holds pickled objects"):
+        load_model(copy / "model.pt")
+    assert not (copy / "PWNED").exists()
+
+
+def test_evaluate_cli_reports_a_bad_file_in_one_line(copy, capsys):
+    (copy / "model.pt").write_bytes(b"")
+    assert evaluate_module.main([str(copy / "model.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.pt" in err[0]
+
+
+def test_onnx_export_keeps_stdout_clean(finished, capfd):
+    _, _, outcome, directory = finished
+    from search.export import export_onnx
+
+    model = load_model(directory / "model.pt").model
+    export_onnx(model, directory.parent / "again.onnx", outcome.dataset.test.x[:2].float() / 255)
+    assert capfd.readouterr().out == ""
+    assert (directory.parent / "again.onnx").stat().st_size > 1000
