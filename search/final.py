@@ -58,9 +58,11 @@ class Outcome:
     command: str = ""
 
 
-def _load_matching_data(study: optuna.Study, cfg: RunConfig) -> Dataset:
+def _load_matching_data(study: optuna.Study, cfg: RunConfig,
+                        dataset: Dataset | None = None) -> Dataset:
     made = study.user_attrs.get("data", {})
-    dataset = data_module.load(made.get("dataset", cfg.data), cfg.data_dir)
+    if dataset is None:
+        dataset = data_module.load(made.get("dataset", cfg.data), cfg.data_dir)
     now = dataset.describe()
     for key in ("dataset", "n_train", "n_val", "n_test", "split_seed"):
         if made and made.get(key) != now[key]:
@@ -94,16 +96,19 @@ def _reproduce_command(study: optuna.Study, cfg: RunConfig) -> str:
 
 
 def run_final(study: optuna.Study, cfg: RunConfig,
-              opened: optuna.storages.BaseStorage | None = None) -> Outcome:
-    """Retrain, save, reload, evaluate, export and report. Raises ConfigError when the study
-    has no completed trial, its data cannot be found, or every retrain seed diverged."""
+              opened: optuna.storages.BaseStorage | None = None,
+              dataset: Dataset | None = None) -> Outcome:
+    """Retrain, save, reload, evaluate, export and report; `dataset` is the one the search
+    loaded (checked against the study), else loaded again. Raises ConfigError when the study
+    has no completed trial, its data cannot be found or differs, or every retrain seed
+    diverged."""
     spec = registry.get(study.user_attrs.get("study", cfg.study))
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not completed:
         raise ConfigError(f"study {study.study_name!r} has no completed trial to retrain; "
                           "run more trials first")
     best_trial = study.best_trial
-    dataset = _load_matching_data(study, cfg)
+    dataset = _load_matching_data(study, cfg, dataset)
     device = resolve_device(cfg.device)
     params = spec.suggest(optuna.trial.FixedTrial(best_trial.params))
     epochs = int(best_trial.user_attrs.get("epochs", cfg.epochs))

@@ -21,6 +21,7 @@ import storage
 from search import data as data_module
 from search import registry
 from search.config import PRUNERS, SAMPLERS, RunConfig
+from search.data import Dataset
 from search.errors import ConfigError
 from search.objective import Objective, TrialOutOfMemory
 from search.study import best_value, open_study
@@ -128,7 +129,7 @@ class TrialReporter:
         self.bar.close()
 
 
-def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
+def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, Dataset]:
     """Open the storage, load the data once, run the trials. Raises ConfigError."""
     spec = registry.get(cfg.study)
     device = resolve_device(cfg.device)
@@ -157,18 +158,18 @@ def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
                  best, study.best_trial.params)
     log.info("browse: optuna-dashboard %s --artifact-dir %s", cfg.storage,
              storage.artifact_dir(cfg.storage, cfg.artifact_dir))
-    return study, opened
+    return study, opened, dataset
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         cfg = config_from_args(argv)
-        study, opened = search(cfg)
+        study, opened, dataset = search(cfg)
         if cfg.final:
             from search.final import run_final
 
-            run_final(study, cfg, opened)
+            run_final(study, cfg, opened, dataset)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -31,7 +31,7 @@ def finished(tmp_path_factory):
     cfg = RunConfig(study="mlp", data="digits", n_trials=5, epochs=4,
                     storage=f"sqlite:///{root / 'studies.db'}", final_seeds=2,
                     runs_dir=str(root / "runs"))
-    study, opened = search(cfg)
+    study, opened, _ = search(cfg)  # run_final loads the data again, as search.final does
     outcome = final_module.run_final(study, cfg, opened)
     return cfg, study, outcome, root / "runs" / "mlp-digits"
 

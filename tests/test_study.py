@@ -28,7 +28,7 @@ def _cfg(storage_url, study_name, **overrides):
 
 
 def test_new_study_runs_references_first_then_resumes(storage_url, study_name):
-    first, _ = search(_cfg(storage_url, study_name, n_trials=3))
+    first, _, _ = search(_cfg(storage_url, study_name, n_trials=3))
     trials = first.get_trials()
     assert len(trials) == 3
     assert [t.user_attrs.get("reference") for t in trials[:2]] == ["lecture", "seed"]
@@ -37,10 +37,11 @@ def test_new_study_runs_references_first_then_resumes(storage_url, study_name):
     attrs = first.user_attrs
     assert attrs["data"]["dataset"] == "digits" and attrs["space_version"] == "mlp-v1"
     assert 0 < attrs["data"]["mean"] < 1 and "torch" in attrs["versions"]
+    assert first.metric_names == ["validation accuracy"]
     assert trials[0].user_attrs["seed"] == trial_seed(0, 0)
     assert sorted(trials[0].intermediate_values) == [1, 2]  # val accuracy every epoch
 
-    again, _ = search(_cfg(storage_url, study_name, n_trials=2))
+    again, _, _ = search(_cfg(storage_url, study_name, n_trials=2))
     trials = again.get_trials()
     assert len(trials) == 5  # resumed and added; references not enqueued twice
     assert sum(1 for t in trials if t.user_attrs.get("reference")) == 2
