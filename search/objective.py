@@ -26,6 +26,10 @@ class TrialOutOfMemory(Exception):
     """The trial's model or batch did not fit; the trial fails and the study goes on."""
 
 
+# exceptions that fail one trial while the study goes on (study.optimize(catch=...))
+TRIAL_FAILURES = (TrialOutOfMemory,)
+
+
 def _is_out_of_memory(exc: BaseException) -> bool:
     text = str(exc)
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or (

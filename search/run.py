@@ -23,7 +23,7 @@ from search import registry
 from search.config import PRUNERS, SAMPLERS, RunConfig
 from search.data import Dataset
 from search.errors import ConfigError
-from search.objective import Objective, TrialOutOfMemory
+from search.objective import TRIAL_FAILURES, Objective
 from search.study import best_value, open_study
 from search.train import resolve_device
 
@@ -146,7 +146,7 @@ def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, D
     started = time.perf_counter()
     try:
         study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout,
-                       callbacks=[reporter], catch=(TrialOutOfMemory,))
+                       callbacks=[reporter], catch=TRIAL_FAILURES)
     finally:
         reporter.close()
     states = Counter(t.state.name for t in study.trials)

@@ -12,7 +12,7 @@ from torch import nn
 import storage
 from search.config import RunConfig, trial_seed
 from search.errors import ConfigError
-from search.objective import Objective
+from search.objective import TRIAL_FAILURES, Objective
 from search.registry import STUDIES, Built
 from search.run import search
 from search.study import open_study
@@ -117,3 +117,49 @@ def test_trials_never_read_the_test_split(tmp_path, digits):
     study = open_study(cfg, STUDIES["mlp"], digits, storage.open(cfg.storage), "blind")
     study.optimize(Objective(STUDIES["mlp"], blind, cfg, torch.device("cpu")), n_trials=3)
     assert all(t.state == TrialState.COMPLETE for t in study.get_trials()[:2])
+
+
+class _OutOfMemory(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_out_of_memory_fails_the_trial_and_study_goes_on(storage_url, study_name, digits):
+    spec = STUDIES["mlp"]
+
+    def build(params, *args):
+        built = spec.build(params, *args)
+        if params.pair == "gelu_margin":
+            return Built(_OutOfMemory(), built.loss_fn, lambda m: torch.optim.SGD(
+                [torch.zeros(1, requires_grad=True)], lr=0.1))
+        return built
+
+    study, objective = _objective_study(storage_url, study_name, digits,
+                                        optuna.pruners.NopPruner(),
+                                        spec=dataclasses.replace(spec, build=build))
+    params = dataclasses.replace(spec.references["lecture"], pair="gelu_margin")
+    study.enqueue_trial(spec.to_trial_params(params))
+    study.optimize(objective, n_trials=4, catch=TRIAL_FAILURES)
+    trials = study.get_trials()
+    assert trials[2].state == TrialState.FAIL
+    assert trials[2].user_attrs["failure"].startswith("out of memory: CUDA out of memory")
+    assert trials[3].state == TrialState.COMPLETE
+
+
+def test_other_errors_are_not_swallowed(tmp_path, digits):
+    spec = STUDIES["mlp"]
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    def build(params, *args):
+        built = spec.build(params, *args)
+        return Built(Broken(), built.loss_fn, lambda m: torch.optim.SGD(
+            [torch.zeros(1, requires_grad=True)], lr=0.1))
+
+    study, objective = _objective_study(f"sqlite:///{tmp_path / 's.db'}", "broken", digits,
+                                        optuna.pruners.NopPruner(),
+                                        spec=dataclasses.replace(spec, build=build))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        study.optimize(objective, n_trials=1, catch=TRIAL_FAILURES)
