@@ -60,6 +60,11 @@ def open_study(cfg: RunConfig, spec: StudySpec, dataset: Dataset,
         storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
         sampler=make_sampler(cfg.sampler, cfg.seed), pruner=make_pruner(cfg.pruner, cfg.epochs),
     )
+    # Resuming with the same seed would replay the random draws of the last run (the startup
+    # trials of TPE, every trial of random) and repeat its trials; offset the seed by the
+    # trials already there. QMC indexes its sequence by trial number, so it keeps the seed.
+    if cfg.sampler != "qmc" and study.trials:
+        study.sampler = make_sampler(cfg.sampler, cfg.seed + 7919 * len(study.trials))
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise ConfigError(f"study {study_name!r} exists and minimizes; pick another --study-name")
     attrs = study.user_attrs

@@ -47,6 +47,16 @@ def test_new_study_runs_references_first_then_resumes(storage_url, study_name):
     assert sum(1 for t in trials if t.user_attrs.get("reference")) == 2
 
 
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_resuming_does_not_replay_the_same_trials(tmp_path, sampler):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    for _ in range(2):
+        study, _, _ = search(_cfg(url, "replay", n_trials=3, epochs=1, sampler=sampler))
+    sampled = [t.params for t in study.get_trials() if "reference" not in t.user_attrs]
+    assert len(sampled) == 4
+    assert all(a != b for i, a in enumerate(sampled) for b in sampled[i + 1:])
+
+
 def test_resume_on_other_data_is_refused(storage_url, study_name):
     search(_cfg(storage_url, study_name, n_trials=1, epochs=1))
     with pytest.raises(ConfigError, match="was made on digits"):
