@@ -8,7 +8,9 @@ per-class classification report: the same numbers as the run's report.md.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from pathlib import Path
 
 from search import data as data_module
 from search import metrics as metrics_module
@@ -25,6 +27,10 @@ def evaluate(path: str, data: str | None = None, data_dir: str | None = None) ->
     loaded = load_model(path)
     made = loaded.info.get("data", {})
     name = data or made.get("dataset", "auto")
+    source = Path(str(made.get("source", "")))
+    if data_dir is None and data is None and source.is_dir() and not os.environ.get(
+            "SEARCH_DATA_DIR"):
+        data_dir = str(source)  # the IDX folder the model was trained from, if still there
     dataset = data_module.load(name, data_dir)
     expected = tuple(loaded.info["input"]["shape"])
     if dataset.image_shape != expected:

@@ -58,6 +58,16 @@ def test_malformed_arguments_exit_2_in_one_line(args, message, capsys):
     assert len(err) == 1 and message in err[0]
 
 
+def test_malformed_idx_file_is_one_line_naming_it(tmp_path, capsys):
+    from tests.test_data import write_mnist_dir
+
+    write_mnist_dir(tmp_path / "idx")
+    (tmp_path / "idx" / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 7)
+    assert main(["--study", "mlp", "--data", "mnist", "--data-dir", str(tmp_path / "idx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "t10k-images-idx3-ubyte" in err[0]
+
+
 def test_no_traceback_from_a_real_process(tmp_path):
     result = run_cli("--study", "mlp", "--storage", "sqlite:///no/such/dir.db", cwd=tmp_path)
     assert result.returncode == 2
