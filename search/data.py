@@ -206,6 +206,7 @@ def _download(name: str, directory: Path) -> str:
     import torchvision.datasets as tvd
 
     cls: Callable = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
+    existed = directory.exists()
     try:
         directory.mkdir(parents=True, exist_ok=True)
         # torchvision prints every mirror it tries; keep the log to one warning line.
@@ -213,9 +214,19 @@ def _download(name: str, directory: Path) -> str:
             for train in (True, False):
                 cls(root=str(directory), train=train, download=True)
     except Exception as exc:  # any network or disk failure means: not available
+        if not existed:
+            _remove_empty_dirs(directory)  # a failed offline try leaves no empty data/ behind
         first = str(exc).splitlines()[0].rstrip(":") if str(exc) else ""
         return f"{type(exc).__name__}: {first} (offline?)"
     return ""
+
+
+def _remove_empty_dirs(root: Path) -> None:
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # fails, and is kept, when it holds anything
+    with contextlib.suppress(OSError):
+        root.rmdir()
 
 
 def _load_mnist_5k() -> Dataset:

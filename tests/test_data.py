@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from search.data import DataNotFound, load
 from search.errors import DataError
 from search.idx import read_idx, write_idx
 from tests.conftest import make_images
+
+_REAL_DOWNLOAD = data_module._download  # before conftest's autouse fixture replaces it
 
 STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
          "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -173,3 +176,20 @@ def test_malformed_file_in_dir_is_an_error_not_a_fallback(tmp_path):
     (tmp_path / "data" / "train-images-idx3-ubyte").write_bytes(b"garbage!" * 4)
     with pytest.raises(DataError, match="train-images-idx3-ubyte"):
         load("auto")
+
+
+def test_failed_download_leaves_no_empty_folders(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    def offline(root, train, download):
+        (Path(root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:")
+
+    monkeypatch.setattr(tvd, "MNIST", offline)
+    reason = _REAL_DOWNLOAD("mnist", tmp_path / "data")
+    assert reason == "RuntimeError: Error downloading train-images-idx3-ubyte.gz (offline?)"
+    assert not (tmp_path / "data").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    _REAL_DOWNLOAD("mnist", tmp_path / "kept")
+    assert (tmp_path / "kept" / "notes.txt").exists()
