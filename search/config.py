@@ -28,6 +28,7 @@ class RunConfig:
     study_name: str | None = None  # None: "<study>-<dataset>"
     seed: int = 0
     device: str = "auto"
+    workers: int | None = None  # processes running trials; None: one per GPU, else one
     sampler: str = "tpe"
     pruner: str = "hyperband"
     final: bool = True
@@ -41,6 +42,8 @@ class RunConfig:
         for flag, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
         if self.timeout is not None and not self.timeout > 0:
             raise ConfigError(f"--timeout must be positive (seconds), got {self.timeout}")
         if self.seed < 0:

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 
 import optuna
+import torch
 from tqdm import tqdm
 
 import storage
@@ -26,6 +27,7 @@ from search.errors import ConfigError
 from search.objective import TRIAL_FAILURES, Objective
 from search.study import best_value, open_study
 from search.train import resolve_device
+from search.workers import plan_devices, run_workers
 
 log = logging.getLogger("search")
 
@@ -57,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--study-name", help="default <study>-<dataset>")
     parser.add_argument("--seed", type=int, default=0, help="study seed (default 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--workers", type=int, help="trial processes sharing the study "
+                        "(default: one per visible GPU, else 1)")
     parser.add_argument("--sampler", default="tpe", choices=SAMPLERS)
     parser.add_argument("--pruner", default="hyperband", choices=PRUNERS)
     parser.add_argument("--no-final", dest="final", action="store_false",
@@ -78,6 +82,7 @@ def config_from_args(argv: list[str] | None = None) -> RunConfig:
         study=args.study, data=args.data, data_dir=args.data_dir, n_trials=args.n_trials,
         timeout=args.timeout, epochs=args.epochs, batch_size=args.batch_size,
         storage=args.storage, study_name=args.study_name, seed=args.seed, device=args.device,
+        workers=args.workers,
         sampler=args.sampler, pruner=args.pruner, final=args.final,
         final_seeds=args.final_seeds, runs_dir=args.runs_dir, artifact_dir=args.artifact_dir,
     )
@@ -132,7 +137,8 @@ class TrialReporter:
 def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, Dataset]:
     """Open the storage, load the data once, run the trials. Raises ConfigError."""
     spec = registry.get(cfg.study)
-    device = resolve_device(cfg.device)
+    resolve_device(cfg.device)  # one line for a --device that is not a device
+    devices = plan_devices(cfg)
     opened = storage.open(cfg.storage)  # fail on a bad URL before loading any data
     dataset = data_module.load(cfg.data, cfg.data_dir)
     name = cfg.study_name or f"{spec.name}-{dataset.name}"
@@ -140,13 +146,16 @@ def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, D
     done = len(study.trials)
     log.info("study %r: %d trials so far; data %s (%d train / %d val, test held out) "
              "from %s; device %s", name, done, dataset.name, len(dataset.train),
-             len(dataset.val), dataset.source, device)
-    objective = Objective(spec, dataset, cfg, device)
+             len(dataset.val), dataset.source, ", ".join(sorted(set(devices))))
     reporter = TrialReporter(cfg.n_trials)
     started = time.perf_counter()
     try:
-        study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout,
-                       callbacks=[reporter], catch=TRIAL_FAILURES)
+        if len(devices) > 1:
+            run_workers(study, cfg, devices, reporter)
+        else:
+            objective = Objective(spec, dataset, cfg, torch.device(devices[0]))
+            study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout,
+                           callbacks=[reporter], catch=TRIAL_FAILURES)
     finally:
         reporter.close()
     states = Counter(t.state.name for t in study.trials)

@@ -29,9 +29,11 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name == "tpe":
-            # multivariate + group: models the widths jointly, per number of layers
+            # multivariate + group: models the widths jointly, per number of layers;
+            # constant_liar: parallel workers do not all propose the same point
             return optuna.samplers.TPESampler(
-                seed=seed, multivariate=True, group=True, n_startup_trials=TPE_STARTUP_TRIALS
+                seed=seed, multivariate=True, group=True, n_startup_trials=TPE_STARTUP_TRIALS,
+                constant_liar=True,
             )
         if name == "random":
             return optuna.samplers.RandomSampler(seed=seed)

@@ -91,3 +91,24 @@ def test_end_to_end_run_writes_study_and_final_files(tmp_path):
         assert (tmp_path / "runs" / "mlp-digits" / name).is_file()
     assert any((tmp_path / "studies-artifacts").iterdir())
     assert "final model: test accuracy" in result.stderr
+
+
+def test_two_workers_share_one_budget_and_log_every_trial(tmp_path):
+    result = run_cli("--study", "mlp", "--data", "digits", "--n-trials", "6", "--epochs", "2",
+                     "--workers", "2", "--device", "cpu", "--no-final", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "2 workers on cpu, cpu" in result.stderr
+    study = optuna.load_study(study_name="mlp-digits", storage="sqlite:///studies.db")
+    trials = study.get_trials()
+    # workers stop at the budget; two finishing at the same instant may add one more
+    assert 6 <= len(trials) <= 7
+    assert all(t.state != optuna.trial.TrialState.RUNNING for t in trials)
+    assert sorted(t.user_attrs.get("reference", "") for t in trials)[-2:] == ["lecture", "seed"]
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)
+    for trial in trials:
+        assert f"trial {trial.number} " in result.stderr
+
+
+def test_bad_worker_count_is_one_line(capsys):
+    assert main(["--study", "mlp", "--workers", "0"]) == 2
+    assert "--workers must be at least 1" in capsys.readouterr().err
