@@ -51,8 +51,15 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
-def open(url: str = DEFAULT_URL) -> optuna.storages.RDBStorage:  # noqa: A001 (storage.open)
-    """An RDB storage for `url`, created if needed.
+def open(  # noqa: A001 (storage.open is the name the design gives it)
+    url: str = DEFAULT_URL,
+    *,
+    heartbeat_interval: int = HEARTBEAT_INTERVAL_S,
+    grace_period: int = GRACE_PERIOD_S,
+) -> optuna.storages.RDBStorage:
+    """An RDB storage for `url`, created if needed. A trial whose worker stops sending
+    heartbeats (every `heartbeat_interval` s) for `grace_period` s is failed and enqueued
+    again, up to MAX_RETRY times.
 
     Raises StorageError when the URL is malformed, the SQLite directory is missing, or the
     database cannot be reached.
@@ -79,8 +86,8 @@ def open(url: str = DEFAULT_URL) -> optuna.storages.RDBStorage:  # noqa: A001 (s
             opened = optuna.storages.RDBStorage(
                 url,
                 engine_kwargs=engine_kwargs,
-                heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                grace_period=GRACE_PERIOD_S,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
                 heartbeat_stale_trial_callback=retry,
             )
     except (SQLAlchemyError, ImportError, sqlite3.Error) as exc:

@@ -66,3 +66,38 @@ def test_several_processes_share_one_study(storage_url, study_name):
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     counts = Counter(t.params["x"] for t in trials)
     assert all(counts[x] == 1 for x in queued)  # each queued trial popped exactly once
+
+
+def _dies_mid_trial(url: str, name: str) -> None:
+    import os
+    import time
+
+    def objective(trial):
+        trial.suggest_float("x", -1, 1)
+        time.sleep(1.5)  # long enough to record a heartbeat
+        os._exit(1)  # the worker is killed: no exception, no tell
+
+    study = optuna.load_study(study_name=name,
+                              storage=storage.open(url, heartbeat_interval=1, grace_period=2))
+    study.optimize(objective, n_trials=1)
+
+
+def test_trial_of_a_dead_worker_is_failed_and_retried(storage_url, study_name):
+    import time
+
+    opened = storage.open(storage_url, heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=opened, study_name=study_name)
+    worker = multiprocessing.get_context("spawn").Process(
+        target=_dies_mid_trial, args=(storage_url, study_name))
+    worker.start()
+    worker.join(timeout=120)
+    assert worker.exitcode == 1
+    dead = study.get_trials()[0]
+    assert dead.state == optuna.trial.TrialState.RUNNING  # nobody told it otherwise
+    time.sleep(2.5)  # past the grace period
+    study.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2, n_trials=1)
+    first, retry = study.get_trials()
+    assert first.state == optuna.trial.TrialState.FAIL
+    assert retry.state == optuna.trial.TrialState.COMPLETE
+    assert retry.params == first.params  # the same point, run again
+    assert retry.system_attrs["failed_trial"] == first.number
