@@ -139,8 +139,9 @@ def run_final(study: optuna.Study, cfg: RunConfig,
     md, page = report.write(report_content.build(outcome), directory, title)
     _attach(outcome, opened or study._storage, cfg)
     log.info("final model: %s", metrics_module.accuracy_line(outcome.test))
-    log.info("wrote %s, %s and model.pt/.json/.onnx, metrics.json in %s", md.name, page.name,
-             directory)
+    log.info("saved: %s (+ model.json, model.onnx, metrics.json, %s)",
+             directory / "model.pt", md.name)
+    log.info("report: %s", page)
     return outcome
 
 

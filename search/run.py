@@ -165,8 +165,6 @@ def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, D
     if best is not None:
         log.info("best trial %d: val accuracy %.4f, params %s", study.best_trial.number,
                  best, study.best_trial.params)
-    log.info("browse: optuna-dashboard %s --artifact-dir %s", cfg.storage,
-             storage.artifact_dir(cfg.storage, cfg.artifact_dir))
     return study, opened, dataset
 
 
@@ -179,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             from search.final import run_final
 
             run_final(study, cfg, opened, dataset)
+        log.info("browse: optuna-dashboard %s --artifact-dir %s", cfg.storage,
+                 storage.artifact_dir(cfg.storage, cfg.artifact_dir))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
