@@ -112,12 +112,6 @@ def _initialize(study: optuna.Study, cfg: RunConfig, spec: StudySpec, dataset: D
              ", ".join(spec.references))
 
 
-def finished_count(study: optuna.Study) -> int:
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-              optuna.trial.TrialState.FAIL)
-    return len(study.get_trials(deepcopy=False, states=states))
-
-
 def best_value(study: optuna.Study) -> float | None:
     try:
         return study.best_value
