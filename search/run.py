@@ -26,7 +26,6 @@ from search.data import Dataset
 from search.errors import ConfigError
 from search.objective import TRIAL_FAILURES, Objective
 from search.study import best_value, open_study
-from search.train import resolve_device
 from search.workers import plan_devices, run_workers
 
 log = logging.getLogger("search")
@@ -137,8 +136,7 @@ class TrialReporter:
 def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, Dataset]:
     """Open the storage, load the data once, run the trials. Raises ConfigError."""
     spec = registry.get(cfg.study)
-    resolve_device(cfg.device)  # one line for a --device that is not a device
-    devices = plan_devices(cfg)
+    devices = plan_devices(cfg)  # checks --device before anything is opened or loaded
     opened = storage.open(cfg.storage)  # fail on a bad URL before loading any data
     dataset = data_module.load(cfg.data, cfg.data_dir)
     name = cfg.study_name or f"{spec.name}-{dataset.name}"

@@ -20,6 +20,7 @@ import torch
 
 from search.config import RunConfig
 from search.errors import ConfigError
+from search.train import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,10 @@ POLL_S = 1.0  # how often the parent looks for finished trials
 
 def plan_devices(cfg: RunConfig) -> list[str]:
     """One device string per worker. --workers unset: one worker per visible GPU (one on a
-    CPU-only machine). Raises ConfigError when --device cuda is asked for without a GPU."""
+    CPU-only machine). Raises ConfigError when --device is not a device, or is cuda without
+    a GPU (search.train.resolve_device)."""
+    resolve_device(cfg.device)
     gpus = torch.cuda.device_count()
-    if cfg.device.startswith("cuda") and gpus == 0:
-        raise ConfigError("--device cuda was given but no CUDA GPU is visible; use --device cpu")
     on_gpu = gpus > 0 and cfg.device in ("auto", "cuda")
     count = cfg.workers if cfg.workers is not None else (gpus if on_gpu else 1)
     if on_gpu:
