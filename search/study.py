@@ -42,6 +42,18 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     raise ConfigError(f"unknown sampler {name!r}; choose tpe, random or qmc")
 
 
+def resumed_sampler(cfg: RunConfig, n_trials: int, worker: int = 0):
+    """The sampler for a run that finds `n_trials` in the study, as worker number `worker`.
+
+    The same seed would replay the random draws of an earlier run (TPE's startup trials,
+    every trial of random) or of another worker, and repeat their trials; the seed is offset
+    by both. QMC indexes one shared sequence by trial number, so it keeps the seed.
+    """
+    if cfg.sampler == "qmc":
+        return make_sampler("qmc", cfg.seed)
+    return make_sampler(cfg.sampler, cfg.seed + 7919 * n_trials + 104_729 * worker)
+
+
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     """Raises ConfigError on an unknown pruner name."""
     if name == "hyperband":
@@ -62,11 +74,8 @@ def open_study(cfg: RunConfig, spec: StudySpec, dataset: Dataset,
         storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
         sampler=make_sampler(cfg.sampler, cfg.seed), pruner=make_pruner(cfg.pruner, cfg.epochs),
     )
-    # Resuming with the same seed would replay the random draws of the last run (the startup
-    # trials of TPE, every trial of random) and repeat its trials; offset the seed by the
-    # trials already there. QMC indexes its sequence by trial number, so it keeps the seed.
-    if cfg.sampler != "qmc" and study.trials:
-        study.sampler = make_sampler(cfg.sampler, cfg.seed + 7919 * len(study.trials))
+    if study.trials:  # resuming: do not replay the last run's draws
+        study.sampler = resumed_sampler(cfg, len(study.trials))
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise ConfigError(f"study {study_name!r} exists and minimizes; pick another --study-name")
     attrs = study.user_attrs

@@ -67,7 +67,7 @@ def _worker(cfg_dict: dict, study_name: str, device: str, index: int, target: in
     from search import data as data_module
     from search import registry
     from search.objective import TRIAL_FAILURES, Objective
-    from search.study import make_pruner, make_sampler
+    from search.study import make_pruner, resumed_sampler
 
     logging.basicConfig(level=logging.WARNING, format=f"worker {index}: %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -75,11 +75,7 @@ def _worker(cfg_dict: dict, study_name: str, device: str, index: int, target: in
     torch.set_num_threads(threads)
     cfg = RunConfig(**cfg_dict)
     study = optuna.load_study(study_name=study_name, storage=storage.open(cfg.storage))
-    if cfg.sampler == "qmc":  # QMC indexes one shared sequence by trial number
-        study.sampler = make_sampler("qmc", cfg.seed)
-    else:  # each worker draws its own numbers, or they would all propose the same trials
-        offset = 7919 * len(study.trials) + 104_729 * (index + 1)
-        study.sampler = make_sampler(cfg.sampler, cfg.seed + offset)
+    study.sampler = resumed_sampler(cfg, len(study.trials), worker=index + 1)
     study.pruner = make_pruner(cfg.pruner, cfg.epochs)
     dataset = data_module.load(study.user_attrs["data"]["dataset"], cfg.data_dir)
     objective = Objective(registry.get(cfg.study), dataset, cfg, torch.device(device))
