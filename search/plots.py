@@ -18,16 +18,10 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from search.study import last_value  # noqa: E402
+
 log = logging.getLogger(__name__)
 Complete, Pruned = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
-
-
-def _last_value(trial: optuna.trial.FrozenTrial) -> float | None:
-    if trial.value is not None:
-        return trial.value
-    if trial.intermediate_values:
-        return trial.intermediate_values[max(trial.intermediate_values)]
-    return None
 
 
 def optimization_history(study: optuna.Study) -> Figure | None:
@@ -36,9 +30,9 @@ def optimization_history(study: optuna.Study) -> Figure | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 3.6))
     done = [t for t in trials if t.state == Complete]
-    pruned = [t for t in trials if t.state == Pruned and _last_value(t) is not None]
+    pruned = [t for t in trials if t.state == Pruned and last_value(t) is not None]
     ax.scatter([t.number for t in done], [t.value for t in done], s=18, label="complete")
-    ax.scatter([t.number for t in pruned], [_last_value(t) for t in pruned], s=18, marker="x",
+    ax.scatter([t.number for t in pruned], [last_value(t) for t in pruned], s=18, marker="x",
                color="0.6", label="pruned (last epoch reached)")
     best, line = -math.inf, []
     for t in sorted(done, key=lambda t: t.number):

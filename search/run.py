@@ -25,7 +25,7 @@ from search.config import PRUNERS, SAMPLERS, RunConfig
 from search.data import Dataset
 from search.errors import ConfigError
 from search.objective import TRIAL_FAILURES, Objective
-from search.study import best_value, open_study
+from search.study import best_value, last_value, open_study
 from search.workers import plan_devices, run_workers
 
 log = logging.getLogger("search")
@@ -112,9 +112,7 @@ class TrialReporter:
                         disable=None)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        value = trial.value if trial.value is not None else (
-            trial.intermediate_values[max(trial.intermediate_values)]
-            if trial.intermediate_values else None)
+        value = last_value(trial)
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() if (
             trial.datetime_complete and trial.datetime_start) else float("nan")
         best = best_value(study)

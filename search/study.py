@@ -121,6 +121,15 @@ def _initialize(study: optuna.Study, cfg: RunConfig, spec: StudySpec, dataset: D
              ", ".join(spec.references))
 
 
+def last_value(trial: optuna.trial.FrozenTrial) -> float | None:
+    """A trial's value, or for a pruned one the validation accuracy of its last epoch."""
+    if trial.value is not None:
+        return trial.value
+    if trial.intermediate_values:
+        return trial.intermediate_values[max(trial.intermediate_values)]
+    return None
+
+
 def best_value(study: optuna.Study) -> float | None:
     try:
         return study.best_value
