@@ -273,16 +273,17 @@ def main(argv: list[str] | None = None) -> int:
             names = [s.study_name for s in optuna.get_all_study_summaries(opened)]
             raise ConfigError(f"no study {args.study_name!r} in {args.storage}; studies there: "
                               f"{', '.join(names) or 'none'}") from None
-        made = study.user_attrs.get("config", {})
-        cfg = RunConfig(
-            study=study.user_attrs.get("study", "mlp"), data=made.get("data", "auto"),
-            data_dir=args.data_dir or made.get("data_dir"), epochs=made.get("epochs", 20),
-            batch_size=made.get("batch_size", 128), storage=args.storage,
-            study_name=args.study_name, seed=made.get("seed", 0), device=args.device,
-            sampler=made.get("sampler", "tpe"), pruner=made.get("pruner", "hyperband"),
-            final_seeds=args.final_seeds, runs_dir=args.runs_dir,
-            artifact_dir=args.artifact_dir,
-        )
+        # the run's own settings (seed, epochs, batch size, data), as saved with the study;
+        # RunConfig's defaults for a study that saved none
+        known = {f.name for f in dataclasses.fields(RunConfig)}
+        made = {k: v for k, v in study.user_attrs.get("config", {}).items() if k in known}
+        cfg = RunConfig(**{
+            **made, "study": study.user_attrs.get("study", "mlp"),
+            "data_dir": args.data_dir or made.get("data_dir"), "storage": args.storage,
+            "study_name": args.study_name, "device": args.device,
+            "final_seeds": args.final_seeds, "runs_dir": args.runs_dir,
+            "artifact_dir": args.artifact_dir,
+        })
         run_final(study, cfg, opened)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

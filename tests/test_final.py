@@ -254,3 +254,13 @@ def test_onnx_export_keeps_stdout_clean(finished, capfd):
     export_onnx(model, directory.parent / "again.onnx", outcome.dataset.test.x[:2].float() / 255)
     assert capfd.readouterr().out == ""
     assert (directory.parent / "again.onnx").stat().st_size > 1000
+
+
+def test_final_cli_rebuilds_the_run_settings_from_the_study(finished, tmp_path):
+    cfg, study, _, _ = finished
+    assert final_module.main(["--study-name", study.study_name, "--storage", cfg.storage,
+                              "--final-seeds", "1", "--runs-dir", str(tmp_path)]) == 0
+    info = json.loads((tmp_path / study.study_name / "model.json").read_text())
+    assert info["training"]["epochs"] == cfg.epochs  # the searched epochs, not the default
+    assert info["training"]["batch_size"] == cfg.batch_size
+    assert len(info["training"]["seeds"]) == 1
