@@ -1,0 +1,88 @@
+"""What every model family shares: activations, activation/loss pairs, input normalization.
+
+Every model takes float images scaled to [0, 1], shaped [N, C, H, W], and normalizes them
+itself with statistics held as buffers, so a saved state_dict carries its own preprocessing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(negative_slope=0.01),
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+}
+OUTPUTS = ("logits", "log_softmax")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """An activation and the loss it is trained with, plus what the model outputs for it."""
+
+    activation: str
+    output: str  # "logits" or "log_softmax": the last layer of the model
+    make_loss: Callable[[], nn.Module]
+    description: str
+
+
+# Coherent activation/loss pairs. Names are stored in studies: never rename one.
+PAIRS: dict[str, Pair] = {
+    "relu_ce": Pair("relu", "logits", nn.CrossEntropyLoss, "ReLU + cross-entropy on logits"),
+    "leakyrelu_nll": Pair(
+        "leaky_relu", "log_softmax", nn.NLLLoss, "LeakyReLU + NLL on log-softmax"
+    ),
+    "elu_ce_smooth": Pair(
+        "elu", "logits", lambda: nn.CrossEntropyLoss(label_smoothing=0.1),
+        "ELU + cross-entropy with label smoothing 0.1",
+    ),
+    "gelu_margin": Pair("gelu", "logits", nn.MultiMarginLoss, "GELU + multi-class margin loss"),
+}
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std with the training split's statistics, saved in the state_dict.
+
+    A float gives scalar buffers (the MLP's, as saved since mlp-v1); a sequence gives one
+    value per channel, shaped [C, 1, 1] to broadcast over [N, C, H, W].
+    """
+
+    def __init__(self, mean: float | Sequence[float], std: float | Sequence[float]) -> None:
+        super().__init__()
+        if isinstance(mean, Sequence) != isinstance(std, Sequence):
+            raise ValueError("mean and std must both be floats or both per-channel sequences")
+        if isinstance(mean, Sequence):
+            if len(mean) != len(std) or not len(mean):
+                raise ValueError(f"per-channel mean {mean} and std {std} differ in length")
+            shape = (len(mean), 1, 1)
+            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape))
+            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(shape))
+        else:
+            self.register_buffer("mean", torch.tensor(float(mean)))
+            self.register_buffer("std", torch.tensor(float(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def check_choice(kind: str, value: str, choices) -> None:
+    """Raises ValueError naming the valid choices when `value` is not one of them."""
+    if value not in choices:
+        raise ValueError(f"{kind} {value!r} not in {tuple(choices)}")
+
+
+def head_output(output: str) -> list[nn.Module]:
+    """The layers after the last Linear for an output kind ("logits" or "log_softmax")."""
+    check_choice("output", output, OUTPUTS)
+    return [nn.LogSoftmax(dim=1)] if output == "log_softmax" else []
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Parameters of `model`; by default trainable ones only (a frozen backbone does not
+    count)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
