@@ -64,9 +64,12 @@ class Dataset:
     train: Split
     val: Split
     test: Split
-    mean: float  # of train-split pixels scaled to [0, 1]
+    mean: float  # of train-split pixels scaled to [0, 1], all channels together
     std: float
     notes: tuple[str, ...] = field(default=())
+    # per channel, of the train split alone (what the CNN normalizes with)
+    channel_mean: tuple[float, ...] = field(default=())
+    channel_std: tuple[float, ...] = field(default=())
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -85,6 +88,8 @@ class Dataset:
             "split_seed": SPLIT_SEED,
             "mean": self.mean,
             "std": self.std,
+            "channel_mean": list(self.channel_mean),
+            "channel_std": list(self.channel_std),
         }
 
 
@@ -261,17 +266,32 @@ def _finish(name, source, classes, x_train, y_train, x_test, y_test) -> Dataset:
     x_fit, x_val, y_fit, y_val = train_test_split(
         x_train, y_train, test_size=val_fraction, stratify=y_train, random_state=SPLIT_SEED
     )
-    scaled = x_fit.astype(np.float64) / 255.0
+    train = _split(x_fit, y_fit)
+    channel_mean, channel_std = channel_stats(train.x)
+    # all channels together, from the per-channel moments (every channel has as many pixels)
+    mean = float(np.mean(channel_mean))
+    second = float(np.mean(np.square(channel_std) + np.square(channel_mean)))
     return Dataset(
         name=name,
         source=source,
         classes=tuple(classes),
-        train=_split(x_fit, y_fit),
+        train=train,
         val=_split(x_val, y_val),
         test=_split(x_test, y_test),
-        mean=float(scaled.mean()),
-        std=float(scaled.std()),
+        mean=mean,
+        std=float(np.sqrt(max(second - mean * mean, 0.0))),
+        channel_mean=channel_mean,
+        channel_std=channel_std,
     )
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation (population: the square root of the
+    variance) of uint8 images [N, C, H, W] scaled to [0, 1]. Call it on the training split
+    only."""
+    scaled = images.numpy().astype(np.float64) / 255.0
+    return (tuple(float(v) for v in scaled.mean(axis=(0, 2, 3))),
+            tuple(float(v) for v in scaled.std(axis=(0, 2, 3))))
 
 
 def _split(x: np.ndarray, y: np.ndarray) -> Split:
