@@ -2,7 +2,14 @@
 
 In-memory data sits on the device as one uint8 tensor; each epoch draws a seeded random
 permutation and slices batches from it, converting to float only per batch. No DataLoader,
-no per-sample Python: `benchmarks/epoch_throughput.py` measures what that buys.
+no per-sample Python: `benchmarks/epoch_throughput.py` measures what that buys. An epoch may
+train on other images of the same shape (augmented copies, `epoch_images`); validation
+always scores the untouched split.
+
+Speed settings (`Speed.of`): on CUDA, bf16 autocast, cudnn benchmark and channels_last for
+convolutional models; on a CPU with native bf16 (AMX / AVX512-BF16) the same for
+convolutional models, which `benchmarks/cnn_speed.py` measured faster here. Scoring
+(`predict_scores`) always runs in float32, so reported accuracies match the ONNX export.
 """
 
 from __future__ import annotations
@@ -48,6 +55,54 @@ def resolve_device(name: str) -> torch.device:
 
 
 @dataclass(frozen=True)
+class Speed:
+    """How a model trains fast on its device (see the module doc)."""
+
+    channels_last: bool = False
+    autocast: torch.dtype | None = None  # mixed-precision dtype of the forward pass
+
+    @classmethod
+    def of(cls, model: nn.Module, device: torch.device) -> Speed:
+        convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one input shape per trial
+            bf16 = torch.cuda.is_bf16_supported()
+            return cls(convolutional, torch.bfloat16 if bf16 else None)
+        if device.type == "cpu" and convolutional and _cpu_bf16():
+            return cls(True, torch.bfloat16)
+        return cls()
+
+    def describe(self) -> str:
+        parts = (["channels_last"] if self.channels_last else []) + (
+            [f"{str(self.autocast).removeprefix('torch.')} autocast"] if self.autocast else [])
+        return ", ".join(parts) or "float32"
+
+
+def _cpu_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+SCHEDULES = ("constant", "onecycle", "cosine")
+
+
+def make_scheduler(name: str, optimizer: torch.optim.Optimizer, lr: float,
+                   total_steps: int):
+    """A per-batch learning-rate schedule over `total_steps`; None for "constant".
+    Raises ValueError on an unknown name."""
+    if name == "constant":
+        return None
+    if name == "onecycle":  # warm up to lr over 30% of the steps, then anneal
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr,
+                                                   total_steps=max(total_steps, 2))
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    raise ValueError(f"unknown learning-rate schedule {name!r}; known: {SCHEDULES}")
+
+
+@dataclass(frozen=True)
 class EpochResult:
     epoch: int  # 1-based
     train_loss: float
@@ -87,25 +142,40 @@ def fit(
     batch_size: int,
     seed: int,
     on_epoch: Callable[[EpochResult], None] | None = None,
+    scheduler=None,
+    epoch_images: Callable[[int], torch.Tensor] | None = None,
 ) -> list[EpochResult]:
     """Train for `epochs`, scoring validation accuracy after each; returns the history.
 
     `on_epoch` sees each result and may raise (optuna.TrialPruned) to stop early.
-    Raises TrialDiverged when the loss becomes non-finite or explodes.
+    `scheduler` is stepped after every batch. `epoch_images(epoch)` (1-based) gives the
+    uint8 training images of that epoch on the device, shaped like `train.x`; the labels
+    stay `train.y`. Raises TrialDiverged when the loss becomes non-finite or explodes.
     """
     generator = torch.Generator().manual_seed(seed)
     history: list[EpochResult] = []
     n = len(train)
+    device = train.x.device
+    speed = Speed.of(model, device)
+    if speed.channels_last:
+        model.to(memory_format=torch.channels_last)
+    layout = torch.channels_last if speed.channels_last else torch.contiguous_format
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
+        images = train.x if epoch_images is None else epoch_images(epoch)
         model.train()
-        total = torch.zeros((), device=train.x.device)
-        for index in _batches(n, batch_size, generator, train.x.device):
-            scores = model(train.x[index].float().div_(255.0))
-            loss = loss_fn(scores, train.y[index])
+        total = torch.zeros((), device=device)
+        for index in _batches(n, batch_size, generator, device):
+            batch = images[index].float().div_(255.0).contiguous(memory_format=layout)
+            with torch.autocast(device.type, dtype=speed.autocast or torch.float32,
+                                enabled=speed.autocast is not None):
+                scores = model(batch)
+            loss = loss_fn(scores.float(), train.y[index])  # the loss in float32
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             total += loss.detach() * index.numel()
         mean_loss = float(total) / n  # one device sync per epoch
         if not math.isfinite(mean_loss) or mean_loss > EXPLODED_LOSS:
@@ -116,6 +186,18 @@ def fit(
         if on_epoch is not None:
             on_epoch(result)
     return history
+
+
+def train_built(built, train: DeviceSplit, val: DeviceSplit, *, epochs: int, batch_size: int,
+                seed: int, on_epoch: Callable[[EpochResult], None] | None = None,
+                epoch_images: Callable[[int], torch.Tensor] | None = None) -> list[EpochResult]:
+    """fit() a `search.registry.Built` whose model is already on the device: makes its
+    optimizer and its schedule over every batch of `epochs`. Raises what fit() raises."""
+    optimizer = built.make_optimizer(built.model)
+    steps = epochs * math.ceil(len(train) / batch_size)
+    return fit(built.model, built.loss_fn, optimizer, train, val, epochs=epochs,
+               batch_size=batch_size, seed=seed, on_epoch=on_epoch,
+               scheduler=built.make_scheduler(optimizer, steps), epoch_images=epoch_images)
 
 
 @torch.inference_mode()
