@@ -140,6 +140,18 @@ def artifact_dir(url: str, directory: str | Path | None = None) -> Path:
     return Path("artifacts")
 
 
+def cache_dir(url: str, directory: str | Path | None = None) -> Path:
+    """Where work shared by many trials is cached (augmented copies, frozen features):
+    `directory` if given, else beside an SQLite database (studies.db -> studies-cache/),
+    else ./cache. Nothing is created here."""
+    if directory is not None:
+        return Path(directory)
+    path = sqlite_path(url)
+    if path is not None:
+        return path.parent / f"{path.stem}-cache"
+    return Path("cache")
+
+
 def artifact_store(url: str, directory: str | Path | None = None):
     """A file-system artifact store for the storage at `url` (see artifact_dir)."""
     from optuna.artifacts import FileSystemArtifactStore
@@ -149,4 +161,5 @@ def artifact_store(url: str, directory: str | Path | None = None):
     return FileSystemArtifactStore(str(base))
 
 
-__all__ = ["DEFAULT_URL", "artifact_dir", "artifact_store", "open", "parse", "sqlite_path"]
+__all__ = ["DEFAULT_URL", "artifact_dir", "artifact_store", "cache_dir", "open", "parse",
+           "sqlite_path"]
