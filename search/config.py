@@ -35,6 +35,7 @@ class RunConfig:
     final_seeds: int = 3
     runs_dir: str = "runs"  # final models and reports go to <runs_dir>/<study-name>/
     artifact_dir: str | None = None  # None: beside the SQLite file, else ./artifacts
+    cache_dir: str | None = None  # None: beside the SQLite file (studies-cache/), else ./cache
 
     def __post_init__(self) -> None:
         positive = {"--n-trials": self.n_trials, "--epochs": self.epochs,

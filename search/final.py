@@ -25,9 +25,11 @@ import storage
 from search import data as data_module
 from search import export, plots, registry, report, report_content
 from search import metrics as metrics_module
+from search.augment import AugmentCache
 from search.config import RunConfig, trial_seed, versions
 from search.data import Dataset
 from search.errors import ConfigError
+from search.models import Normalize
 from search.registry import StudySpec
 from search.retrain import ConfigResult, retrain
 from search.train import predict_scores, resolve_device
@@ -116,9 +118,13 @@ def run_final(study: optuna.Study, cfg: RunConfig,
     log.info("final: retraining trial %d's params and %d reference configs with seeds %s, "
              "%d epochs each", best_trial.number, len(spec.references), seeds, epochs)
 
+    augment = AugmentCache.for_dataset(
+        dataset, storage.cache_dir(cfg.storage, cfg.cache_dir) / "augment")
+    batch_size = int(best_trial.user_attrs.get("batch_size", cfg.batch_size))
+
     def train(config_params, label):
         return retrain(spec, config_params, label, dataset, seeds=seeds, epochs=epochs,
-                       batch_size=cfg.batch_size, device=device)
+                       batch_size=batch_size, device=device, augment=augment)
 
     results = {"best found": train(params, "best found")}
     for name, reference in spec.references.items():
@@ -132,7 +138,7 @@ def run_final(study: optuna.Study, cfg: RunConfig,
                           f"{'; '.join(best_result.failures)}")
     directory = Path(cfg.runs_dir) / study.study_name
     outcome = Outcome(study, spec, dataset, directory, best_trial, results)
-    _save_and_reload(outcome, params, epochs, cfg)
+    _save_and_reload(outcome, params, epochs, batch_size)
     _write_figures(outcome)
     outcome.command = _reproduce_command(study, cfg)
     title = f"Study {study.study_name}"
@@ -145,10 +151,16 @@ def run_final(study: optuna.Study, cfg: RunConfig,
     return outcome
 
 
-def _save_and_reload(outcome: Outcome, params, epochs: int, cfg: RunConfig) -> None:
+def _applied_normalization(model: torch.nn.Module) -> dict:
+    """The mean and std the model's own Normalize layer applies (from its buffers)."""
+    layer = next(m for m in model.modules() if isinstance(m, Normalize))
+    return {"mean": layer.mean.flatten().tolist(), "std": layer.std.flatten().tolist()}
+
+
+def _save_and_reload(outcome: Outcome, params, epochs: int, batch_size: int) -> None:
     spec, dataset, run = outcome.spec, outcome.dataset, outcome.results["best found"].best_run()
-    built = spec.build(params, dataset.image_shape, len(dataset.classes), dataset.mean,
-                       dataset.std)
+    built = spec.build(params, dataset.image_shape, len(dataset.classes),
+                       dataset.channel_mean, dataset.channel_std)
     model = built.model
     model.load_state_dict(run.state)
     model.eval()
@@ -157,12 +169,13 @@ def _save_and_reload(outcome: Outcome, params, epochs: int, cfg: RunConfig) -> N
         "space_version": spec.space_version, "trial_number": outcome.best_trial.number,
         "params": outcome.best_trial.params, "params_resolved": dataclasses.asdict(params),
         "input": {"shape": list(dataset.image_shape), "dtype": "float32",
-                  "scale": "uint8 pixels / 255", "mean": dataset.mean, "std": dataset.std,
-                  "normalized_inside_model": True},
+                  "scale": "uint8 pixels / 255", "mean": list(dataset.channel_mean),
+                  "std": list(dataset.channel_std), "normalized_inside_model": True,
+                  "applied": _applied_normalization(model)},
         "classes": list(dataset.classes), "data": dataset.describe(),
         "training": {"epochs": epochs, "best_epoch": run.best_epoch, "seed": run.seed,
                      "seeds": [r.seed for r in outcome.results["best found"].runs],
-                     "batch_size": cfg.batch_size},
+                     "batch_size": batch_size},
         "n_parameters": outcome.results["best found"].n_parameters,
         "versions": versions(),
     }

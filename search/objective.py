@@ -12,12 +12,14 @@ import logging
 import optuna
 import torch
 
+import storage
+from search.augment import AugmentCache
 from search.config import RunConfig, trial_seed
 from search.data import Dataset
 from search.errors import TrialDiverged
 from search.models import count_parameters
 from search.registry import StudySpec
-from search.train import DeviceSplit, EpochResult, fit
+from search.train import DeviceSplit, EpochResult, Speed, train_built
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +47,33 @@ class Objective:
         self.device = device
         self.image_shape = dataset.image_shape
         self.n_classes = len(dataset.classes)
-        self.mean, self.std = dataset.mean, dataset.std
+        self.mean, self.std = dataset.channel_mean, dataset.channel_std
         self.train = DeviceSplit.of(dataset.train, device)
         self.val = DeviceSplit.of(dataset.val, device)
+        # augmented copies of the training split, shared by every trial (search.augment)
+        self.augment = AugmentCache.for_dataset(
+            dataset, storage.cache_dir(cfg.storage, cfg.cache_dir) / "augment")
 
     def __call__(self, trial: optuna.Trial) -> float:
         params = self.spec.suggest(trial)
         seed = trial_seed(self.cfg.seed, trial.number)
         torch.manual_seed(seed)  # weight init and dropout masks
-        built = self.spec.build(params, self.image_shape, self.n_classes, self.mean, self.std)
+        try:
+            built = self.spec.build(params, self.image_shape, self.n_classes, self.mean,
+                                    self.std)
+        except ValueError as exc:  # e.g. valid convolutions that leave no pixels of 8x8
+            trial.set_user_attr("failure", f"does not fit the input: {exc}")
+            raise optuna.TrialPruned(str(exc)) from None
         model = built.model.to(self.device)
-        optimizer = built.make_optimizer(model)
+        epoch_images = self.augment.epoch_images(built.augment, seed, self.cfg.epochs,
+                                                 self.device)
+        augment_seconds = self.augment.stats.seconds
         reference = trial.user_attrs.get("reference")
         trial.set_user_attr("seed", seed)
         trial.set_user_attr("epochs", self.cfg.epochs)
+        trial.set_user_attr("batch_size", self.cfg.batch_size)
         trial.set_user_attr("device", str(self.device))
+        trial.set_user_attr("speed", Speed.of(model, self.device).describe())
         trial.set_user_attr("n_parameters", count_parameters(model))
         best = {"accuracy": 0.0, "epoch": 0}
         seconds: list[float] = []
@@ -76,9 +90,9 @@ class Objective:
                 )
 
         try:
-            fit(model, built.loss_fn, optimizer, self.train, self.val,
-                epochs=self.cfg.epochs, batch_size=self.cfg.batch_size, seed=seed,
-                on_epoch=on_epoch)
+            train_built(built, self.train, self.val, epochs=self.cfg.epochs,
+                        batch_size=self.cfg.batch_size, seed=seed, on_epoch=on_epoch,
+                        epoch_images=epoch_images)
         except TrialDiverged as exc:
             # a bad region of the space, not a broken run: prune, so the sampler learns it
             trial.set_user_attr("failure", str(exc))
@@ -87,12 +101,18 @@ class Objective:
             if not _is_out_of_memory(exc):
                 raise
             trial.set_user_attr("failure", f"out of memory: {str(exc).splitlines()[0]}")
-            del model, optimizer, built
+            del model, built
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise TrialOutOfMemory(str(exc).splitlines()[0]) from None
         finally:
             if seconds:
                 trial.set_user_attr("seconds_per_epoch", sum(seconds) / len(seconds))
+            if epoch_images is not None:
+                # how many distinct augmented copies this trial trained on, and what
+                # making or loading them cost it (included in seconds_per_epoch)
+                trial.set_user_attr("augment_copies_seen", len(epoch_images.seen))
+                trial.set_user_attr("augment_seconds", round(
+                    self.augment.stats.seconds - augment_seconds, 3))
         trial.set_user_attr("best_epoch", best["epoch"])
         return best["accuracy"]

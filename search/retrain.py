@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 import torch
 
 from search import metrics as metrics_module
+from search.augment import AugmentCache
 from search.data import Dataset
 from search.errors import TrialDiverged
 from search.models import count_parameters
 from search.registry import StudySpec
-from search.train import DeviceSplit, EpochResult, fit, predict_scores
+from search.train import DeviceSplit, EpochResult, predict_scores, train_built
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +69,17 @@ class ConfigResult:
 
 
 def retrain(spec: StudySpec, params, label: str, dataset: Dataset, *, seeds: list[int],
-            epochs: int, batch_size: int, device: torch.device) -> ConfigResult:
-    """Train `params` once per seed. A seed whose loss diverges is recorded and skipped."""
+            epochs: int, batch_size: int, device: torch.device,
+            augment: AugmentCache) -> ConfigResult:
+    """Train `params` once per seed, augmented copies from `augment` where the params ask
+    for them. A seed whose loss diverges is recorded and skipped."""
     train = DeviceSplit.of(dataset.train, device)
     val = DeviceSplit.of(dataset.val, device)
     result: ConfigResult | None = None
     for seed in seeds:
         torch.manual_seed(seed)
         built = spec.build(params, dataset.image_shape, len(dataset.classes),
-                           dataset.mean, dataset.std)
+                           dataset.channel_mean, dataset.channel_std)
         model = built.model.to(device)
         if result is None:
             result = ConfigResult(label, params, count_parameters(model))
@@ -88,8 +91,10 @@ def retrain(spec: StudySpec, params, label: str, dataset: Dataset, *, seeds: lis
                 best.update(accuracy=epoch.val_accuracy, epoch=epoch.epoch, state=state)
 
         try:
-            history = fit(model, built.loss_fn, built.make_optimizer(model), train, val,
-                          epochs=epochs, batch_size=batch_size, seed=seed, on_epoch=keep_best)
+            history = train_built(
+                built, train, val, epochs=epochs, batch_size=batch_size, seed=seed,
+                on_epoch=keep_best,
+                epoch_images=augment.epoch_images(built.augment, seed, epochs, device))
         except TrialDiverged as exc:
             log.warning("%s seed %d diverged: %s", label, seed, exc)
             result.failures.append(f"seed {seed}: {exc}")

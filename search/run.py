@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default $SEARCH_DATA_DIR or ./data)")
     parser.add_argument("--n-trials", type=int, default=20, help="trials to add (default 20)")
     parser.add_argument("--timeout", type=float, help="stop the search after this many seconds")
-    parser.add_argument("--epochs", type=int, default=20, help="epochs per trial (default 20)")
+    parser.add_argument("--epochs", type=int, help="epochs per trial (default: the study's, "
+                        "mlp 20, cnn 8)")
     parser.add_argument("--batch-size", type=int, default=128, help="fixed, not tuned")
     parser.add_argument("--storage", default=storage.DEFAULT_URL,
                         help=f"Optuna storage URL (default {storage.DEFAULT_URL})")
@@ -70,20 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="final model and report go to RUNS_DIR/<study-name>/")
     parser.add_argument("--artifact-dir", help="Optuna artifact store (default: beside the "
                         "SQLite file, e.g. studies-artifacts/, else ./artifacts)")
+    parser.add_argument("--cache-dir", help="cache of work many trials share, e.g. augmented "
+                        "images (default: beside the SQLite file, e.g. studies-cache/, "
+                        "else ./cache)")
     return parser
 
 
 def config_from_args(argv: list[str] | None = None) -> RunConfig:
     """Raises ConfigError on a bad value; argparse exits 2 itself on a malformed one."""
     args = build_parser().parse_args(argv)
-    registry.get(args.study)
+    spec = registry.get(args.study)
     return RunConfig(
         study=args.study, data=args.data, data_dir=args.data_dir, n_trials=args.n_trials,
-        timeout=args.timeout, epochs=args.epochs, batch_size=args.batch_size,
+        timeout=args.timeout,
+        epochs=spec.default_epochs if args.epochs is None else args.epochs,
+        batch_size=args.batch_size,
         storage=args.storage, study_name=args.study_name, seed=args.seed, device=args.device,
         workers=args.workers,
         sampler=args.sampler, pruner=args.pruner, final=args.final,
         final_seeds=args.final_seeds, runs_dir=args.runs_dir, artifact_dir=args.artifact_dir,
+        cache_dir=args.cache_dir,
     )
 
 

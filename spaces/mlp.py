@@ -62,6 +62,14 @@ def to_trial_params(params: MLPParams) -> dict:
     return flat
 
 
+def describe(params: MLPParams) -> str:
+    """One line for the report's comparison table."""
+    dropout = ("no dropout" if params.dropout == "none"
+               else f"dropout {params.dropout_rate:.2g} ({params.dropout})")
+    return (f"hidden {list(params.widths)}, {dropout}, {params.pair}, {params.optimizer} "
+            f"lr {params.lr:.2g}")
+
+
 # The lecture's MNIST MLP: two hidden layers, no dropout, ReLU + cross-entropy.
 LECTURE = MLPParams((512, 256), "none", 0.0, "relu_ce", "adam", 1e-3)
 # The exercise's seed net: three hidden layers, dropout 0.3 before the first hidden layer,
