@@ -22,10 +22,10 @@ import optuna
 import torch
 
 import storage
+from search import augment as augment_module
 from search import data as data_module
-from search import export, plots, registry, report, report_content
+from search import export, plots, registry, report, report_content, report_sections
 from search import metrics as metrics_module
-from search.augment import AugmentCache
 from search.config import RunConfig, trial_seed, versions
 from search.data import Dataset
 from search.errors import ConfigError
@@ -58,6 +58,9 @@ class Outcome:
     figures: dict[str, Path] = field(default_factory=dict)
     importances: dict = field(default_factory=dict)
     command: str = ""
+    other_studies: list[dict] = field(default_factory=list)  # same data, in this storage
+    augmentation: dict = field(default_factory=dict)  # report_sections.gather_augmentation
+    augment_caption: str = ""
 
 
 def _load_matching_data(study: optuna.Study, cfg: RunConfig,
@@ -118,7 +121,7 @@ def run_final(study: optuna.Study, cfg: RunConfig,
     log.info("final: retraining trial %d's params and %d reference configs with seeds %s, "
              "%d epochs each", best_trial.number, len(spec.references), seeds, epochs)
 
-    augment = AugmentCache.for_dataset(
+    augment = augment_module.AugmentCache.for_dataset(
         dataset, storage.cache_dir(cfg.storage, cfg.cache_dir) / "augment")
     batch_size = int(best_trial.user_attrs.get("batch_size", cfg.batch_size))
 
@@ -139,6 +142,9 @@ def run_final(study: optuna.Study, cfg: RunConfig,
     directory = Path(cfg.runs_dir) / study.study_name
     outcome = Outcome(study, spec, dataset, directory, best_trial, results)
     _save_and_reload(outcome, params, epochs, batch_size)
+    outcome.other_studies = report_sections.gather_other_studies(study, opened or study._storage)
+    if spec.augments:
+        outcome.augmentation = report_sections.gather_augmentation(study)
     _write_figures(outcome)
     outcome.command = _reproduce_command(study, cfg)
     title = f"Study {study.study_name}"
@@ -216,11 +222,33 @@ def _write_figures(outcome: Outcome) -> None:
         "confusion": plots.confusion(outcome.test["confusion_matrix"],
                                      list(outcome.dataset.classes)),
     }
+    if outcome.spec.augments:
+        figures["augment"] = _augment_grid(outcome)
     for key, fig in figures.items():
         if fig is not None:
             path = folder / f"{key}.png"
             plots.save(fig, path)
             outcome.figures[key] = path
+
+
+def _augment_grid(outcome: Outcome):
+    """The first training image of each class at strengths 0, 0.5, 1 and the best's."""
+    train = outcome.dataset.train
+    firsts = [int((train.y == c).nonzero()[0]) for c in range(len(outcome.dataset.classes))
+              if bool((train.y == c).any())]
+    images = train.x[firsts]
+    best = outcome.results["best found"].params.augment
+    families = best.families or augment_module.FAMILIES
+    strengths = [0.0, 0.5, 1.0, best.strength]
+    labels = ["strength 0", "strength 0.5", "strength 1", f"best ({best.strength:g})"]
+    grids = augment_module.grid_images(images, strengths, families)
+    shown = ", ".join(families) + ("" if best.families else " (the best found uses none)")
+    outcome.augment_caption = (
+        f"The same training images (the first of each class) with families {shown}, at "
+        f"strength 0 (as trained without augmentation), 0.5, 1 and the best found's "
+        f"{best.strength:g}")
+    return plots.image_grid(list(zip(labels, grids, strict=True)),
+                            "Augmentation at increasing strength")
 
 
 def _attach(outcome: Outcome, opened, cfg: RunConfig) -> None:
@@ -245,7 +273,7 @@ def _attach(outcome: Outcome, opened, cfg: RunConfig) -> None:
     outcome.study.set_user_attr("final", {
         "trial": outcome.best_trial.number, "directory": str(outcome.directory),
         "test_accuracy": outcome.test["accuracy"], "macro_f1": outcome.test["macro_f1"],
-        "artifacts": uploaded})
+        "n_parameters": outcome.results["best found"].n_parameters, "artifacts": uploaded})
     rows = [f"| {label} | {r.summary()['test_accuracy']['mean']:.4f} | "
             f"{r.summary()['n_parameters']:,} |" for label, r in outcome.results.items()
             if r.runs]

@@ -156,3 +156,20 @@ def confusion(matrix: list[list[int]], classes: list[str]) -> Figure:
 def save(fig: Figure, path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def image_grid(rows: list[tuple[str, np.ndarray]], title: str) -> Figure:
+    """One row of images per (label, uint8 [N, C, H, W] array), the same images in each."""
+    n = len(rows[0][1])
+    fig, axes = plt.subplots(len(rows), n, figsize=(0.9 * n + 1.4, 1.0 * len(rows) + 0.5),
+                             squeeze=False)
+    for (label, images), row in zip(rows, axes, strict=True):
+        for image, ax in zip(images, row, strict=True):
+            ax.imshow(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0),
+                      cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -53,6 +53,7 @@ class StudySpec:
     default_data: str
     default_epochs: int
     references: Mapping[str, Any] = field(default_factory=dict)
+    augments: bool = False  # params carry an AugmentSpec (`params.augment`)
 
 
 def _scalar(value) -> float:
@@ -126,6 +127,7 @@ STUDIES: Mapping[str, StudySpec] = MappingProxyType({
         default_data="auto",
         default_epochs=8,  # a CNN epoch costs ~10x an MLP's on a CPU; pruning cuts the rest
         references=MappingProxyType(dict(cnn_space.REFERENCES)),
+        augments=True,
     ),
 })
 

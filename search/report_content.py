@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import optuna
 
+from search import augment, report_sections
 from search import metrics as metrics_module
 from search.report import Block, Code, Heading, Image, Table, Text
 
@@ -57,6 +58,10 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _channels(values) -> str:
+    return ", ".join(f"{v:.4f}" for v in values)
+
+
 def _mean_sd(stats: dict, digits: int = 4) -> str:
     n = len(stats["values"])
     if n == 0:
@@ -65,8 +70,19 @@ def _mean_sd(stats: dict, digits: int = 4) -> str:
         f"{stats['mean']:.{digits}f}")
 
 
+def _flat(params) -> dict:
+    """A params dataclass as flat fields; nested ones (augment) as augment.strength, ..."""
+    flat = {}
+    for key, value in dataclasses.asdict(params).items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
 def param_changes(reference, best) -> list[str]:
-    ref, new = dataclasses.asdict(reference), dataclasses.asdict(best)
+    ref, new = _flat(reference), _flat(best)
     return [f"{k} {_fmt(ref[k])} → {_fmt(new[k])}" for k in new if ref.get(k) != new[k]]
 
 
@@ -99,21 +115,34 @@ def build(outcome) -> list[Block]:
         ["splits", f"{len(ds.train)} train / {len(ds.val)} validation (fixed, seeded, "
                    f"stratified) / {len(ds.test)} test (final evaluation only)"],
         ["input", f"{'x'.join(map(str, ds.image_shape))} images, pixels / 255, then "
-                  f"normalized with the training split's mean {ds.mean:.4f} and std "
-                  f"{ds.std:.4f}"],
+                  f"normalized inside the model with the training split's own statistics: "
+                  f"mean {_channels(ds.channel_mean)}, std {_channels(ds.channel_std)} "
+                  "(validation and test images never enter them)"],
         ["classes", ", ".join(ds.classes)],
     ])]
     blocks += [Text(f"Note: {note}") for note in ds.notes]
 
+    applied = outcome.model_info["input"].get("applied")
+    if applied and [round(v, 6) for v in applied["mean"]] != [
+            round(v, 6) for v in ds.channel_mean]:
+        blocks.append(Text(
+            f"The best found normalizes with fixed constants instead (mean "
+            f"{_channels(applied['mean'])}, std {_channels(applied['std'])}, PyTorch's MNIST "
+            "example values)."))
     states = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
     config = study.user_attrs.get("config", {})
+    speeds = Counter(t.user_attrs["speed"] for t in study.get_trials(deepcopy=False)
+                     if "speed" in t.user_attrs)
     blocks += [
         Heading("Search"),
         Text(f"{sum(states.values())} trials: "
              + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
              + f". Sampler {config.get('sampler', '?')}, pruner {config.get('pruner', '?')}, "
              f"{config.get('epochs', '?')} epochs per trial, objective: best validation "
-             f"accuracy over a trial's epochs. Time: {_time_spent(study)}."),
+             f"accuracy over a trial's epochs. Time: {_time_spent(study)}."
+             + (" Training precision and layout: " + ", ".join(
+                 f"{speed} ({n} trials)" for speed, n in speeds.most_common()) + "."
+                if speeds else "")),
         Table(["parameter", "searched over"],
               [[name, describe_distribution(d)] for name, d in search_space(study).items()]),
     ]
@@ -140,6 +169,9 @@ def build(outcome) -> list[Block]:
         "No numeric parameter sits on the boundary of its range (within 5% of it)."))
 
     blocks += _comparison(outcome)
+    blocks += report_sections.other_studies_blocks(outcome)
+    if outcome.spec.augments:
+        blocks += report_sections.augmentation_blocks(outcome, augment.COPIES)
     blocks += _final_model(outcome)
     blocks += _figures(outcome)
     onnx = outcome.onnx
@@ -171,16 +203,18 @@ def _comparison(outcome) -> list[Block]:
                          "-", "all seeds diverged"])
             continue
         s = result.summary()
-        rows.append([label, _fmt(getattr(result.params, "widths", "")),
+        rows.append([label, outcome.spec.describe(result.params),
                      f"{s['n_parameters']:,}", _mean_sd(s["val_accuracy"]),
                      _mean_sd(s["test_accuracy"]), _mean_sd(s["macro_f1"]),
                      f"{s['seconds_per_epoch']:.2f}", "; ".join(s["failures"])])
+    references = ", ".join(label for label in results if label != "best found")
     blocks: list[Block] = [
-        Heading("Lecture net, seed net and best found"),
-        Text("Each retrained with the same seeds on the training split, keeping the best "
-             "validation epoch; test scores are mean ± standard deviation over seeds."),
-        Table(["config", "hidden widths", "parameters", "val accuracy", "test accuracy",
-               "macro F1", "s/epoch", "notes"], rows),
+        Heading("Reference configs and best found"),
+        Text(f"The {references} and the best found, each retrained with the same seeds on "
+             "the training split, keeping the best validation epoch; test scores are mean ± "
+             "standard deviation over seeds."),
+        Table(["config", "architecture and training", "parameters", "val accuracy",
+               "test accuracy", "macro F1", "s/epoch", "notes"], rows),
     ]
     best = results["best found"]
     for label, result in results.items():
