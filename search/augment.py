@@ -66,20 +66,21 @@ class AugmentSpec:
         return f"strength {self.strength:g}: {', '.join(self.families)}"
 
 
-def pipeline(spec: AugmentSpec, seed: int):
+def pipeline(spec: AugmentSpec, seed: int, size: int = 28):
     """The albumentations Compose for `spec`, seeded; each transform's range and
-    probability grow linearly with the strength s."""
+    probability grow linearly with the strength s. Ranges in pixels are set for 28 px
+    images and scaled to `size` (a 3x3 blur wipes out an 8 px digit)."""
     import albumentations as A
     import cv2
 
-    s = spec.strength
+    s, scale = spec.strength, min(size / 28, 1.0)
+    blurs = [A.GaussianBlur(blur_limit=(3, 3), sigma_limit=(0.1, 0.1 + 0.9 * s * scale))]
+    if size >= 16:
+        blurs.append(A.MotionBlur(blur_limit=(3, 3)))
     make = {
         "contrast": lambda: A.RandomBrightnessContrast(
             brightness_limit=0.4 * s, contrast_limit=0.4 * s, p=0.8 * s),
-        "blur": lambda: A.OneOf([
-            A.GaussianBlur(blur_limit=(3, 3), sigma_limit=(0.1, 0.1 + 0.9 * s)),
-            A.MotionBlur(blur_limit=(3, 3)),
-        ], p=0.5 * s),
+        "blur": lambda: A.OneOf(blurs, p=0.5 * s),
         # rotation at most 15 degrees at strength 1; no flips anywhere
         "affine": lambda: A.Affine(
             translate_percent=(-0.1 * s, 0.1 * s), scale=(1 - 0.15 * s, 1 + 0.15 * s),
@@ -89,12 +90,15 @@ def pipeline(spec: AugmentSpec, seed: int):
             num_holes_range=(1, 1 + round(2 * s)), hole_height_range=(0.1, 0.1 + 0.15 * s),
             hole_width_range=(0.1, 0.1 + 0.15 * s), fill=0, p=0.5 * s),
         "distort": lambda: A.OneOf([
-            A.ElasticTransform(alpha=1 + 2 * s, sigma=3, border_mode=cv2.BORDER_CONSTANT),
+            A.ElasticTransform(alpha=(1 + 2 * s) * scale, sigma=max(3 * scale, 1.0),
+                               border_mode=cv2.BORDER_CONSTANT),
             A.GridDistortion(num_steps=4, distort_limit=0.3 * s,
                              border_mode=cv2.BORDER_CONSTANT),
         ], p=0.5 * s),
     }
-    return A.Compose([make[name]() for name in FAMILIES if name in spec.families], seed=seed)
+    # geometry first, so brightness and holes also cover the border an affine fills in
+    order = ("affine", "distort", "contrast", "blur", "dropout")
+    return A.Compose([make[name]() for name in order if name in spec.families], seed=seed)
 
 
 def augment(images: np.ndarray, spec: AugmentSpec, seed: int) -> np.ndarray:
@@ -119,7 +123,7 @@ def _augment_chunk(images: np.ndarray, spec: AugmentSpec, seed: int) -> np.ndarr
     import cv2
 
     cv2.setNumThreads(1)  # 28 px images: threads cost more than they save
-    compose = pipeline(spec, seed)
+    compose = pipeline(spec, seed, min(images.shape[2:]))
     hwc = np.ascontiguousarray(images.transpose(0, 2, 3, 1))  # albumentations wants HWC
     out = np.stack([compose(image=image)["image"].reshape(image.shape) for image in hwc])
     return out.transpose(0, 3, 1, 2)
@@ -144,14 +148,13 @@ def _parallel_augment(images: np.ndarray, spec: AugmentSpec, seed: int,
     return out
 
 
-def data_key(images: torch.Tensor, describe: dict) -> dict:
-    """What a copy depends on besides the spec: the data set, its split and the exact pixels
-    of the training split (so another data dir with other files never matches)."""
+def data_key(images: torch.Tensor, dataset: str) -> dict:
+    """What a copy depends on besides the spec: the exact pixels of the training split (its
+    sha256 covers the data set, the split and the files it came from) and the library."""
     import albumentations
 
     pixels = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
-    return {"dataset": describe.get("dataset"), "split_seed": describe.get("split_seed"),
-            "n_train": int(images.shape[0]), "train_sha256": pixels,
+    return {"dataset": dataset, "n_train": int(images.shape[0]), "train_sha256": pixels,
             "albumentations": albumentations.__version__, "pipeline": PIPELINE_VERSION}
 
 
@@ -184,7 +187,7 @@ class AugmentCache:
     def for_dataset(cls, dataset, directory: Path | None) -> AugmentCache:
         """The cache of `dataset`'s training split (a search.data.Dataset); copies that
         span several chunks are made by as many processes as torch has threads."""
-        return cls(dataset.train.x, data_key(dataset.train.x, dataset.describe()), directory,
+        return cls(dataset.train.x, data_key(dataset.train.x, dataset.name), directory,
                    processes=max(1, torch.get_num_threads()))
 
     def epoch_images(self, spec: AugmentSpec, seed: int, epochs: int,
