@@ -193,3 +193,26 @@ def test_failed_download_leaves_no_empty_folders(tmp_path, monkeypatch):
     (tmp_path / "kept" / "notes.txt").write_text("mine")
     _REAL_DOWNLOAD("mnist", tmp_path / "kept")
     assert (tmp_path / "kept" / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("name", ["digits", "mnist-5k"])
+def test_channel_stats_are_numpys_on_the_training_split_alone(name):
+    ds = load(name)
+    train = ds.train.x.numpy().astype(np.float64) / 255
+    assert ds.channel_mean == pytest.approx((train.mean(),), rel=1e-9)
+    assert ds.channel_std == pytest.approx((np.sqrt(train.var()),), rel=1e-9)
+    assert (ds.mean, ds.std) == pytest.approx((ds.channel_mean[0], ds.channel_std[0]))
+    # validation and test images never enter them: with them the statistics differ
+    everything = np.concatenate([train, ds.val.x.numpy() / 255, ds.test.x.numpy() / 255])
+    assert abs(everything.mean() - ds.channel_mean[0]) > 1e-6
+    assert ds.describe()["channel_mean"] == list(ds.channel_mean)
+
+
+def test_channel_stats_per_channel():
+    from search.data import channel_stats
+
+    rgb = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
+    rgb[:, 1] = 255
+    rgb[:2, 2] = 255
+    mean, std = channel_stats(rgb)
+    assert mean == pytest.approx((0.0, 1.0, 0.5)) and std == pytest.approx((0.0, 0.0, 0.5))

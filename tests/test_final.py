@@ -44,7 +44,8 @@ def test_all_files_are_written(finished):
     assert info["sha256"] == sha256_of(directory / "model.pt")
     assert info["study"] == "mlp" and info["data"]["dataset"] == "digits"
     assert info["input"]["shape"] == [1, 8, 8] and len(info["classes"]) == 10
-    assert 0 < info["input"]["mean"] < 1 and "torch" in info["versions"]
+    assert 0 < info["input"]["mean"][0] < 1 and "torch" in info["versions"]
+    assert info["input"]["applied"]["mean"] == pytest.approx(info["input"]["mean"])
     assert set(info["metrics"]) >= {"test_accuracy", "macro_f1", "val_accuracy"}
     # a state_dict only: it loads with weights_only=True into plain tensors
     state = torch.load(directory / "model.pt", weights_only=True)
@@ -114,7 +115,7 @@ def test_report_contents(finished):
     per_class = re.search(r"\| class \| precision \| recall \| F1 \| support \|\n\|.*\|\n"
                           r"((?:\|.*\|\n)+)", md).group(1)
     assert len(per_class.strip().splitlines()) == 10  # a row per class
-    comparison = md.split("## Lecture net, seed net and best found")[1].split("##")[0]
+    comparison = md.split("## Reference configs and best found")[1].split("##")[0]
     for label in ("best found", "lecture net", "seed net"):
         assert f"| {label} |" in comparison
     assert "From the lecture net to the best found" in comparison

@@ -6,7 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from search.models import DROPOUT_PLACEMENTS, MLP, PAIRS, Normalize, count_parameters
+from search.models import (
+    CNN,
+    DROPOUT_PLACEMENTS,
+    MLP,
+    PAIRS,
+    POOL_AT,
+    POOLS,
+    Normalize,
+    count_parameters,
+)
 
 
 def linear_sizes(model: MLP) -> list[tuple[int, int]]:
@@ -90,3 +99,54 @@ def test_count_parameters():
 def test_bad_constructor_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MLP(64, n_classes=10, **kwargs)
+
+
+# --- CNN -------------------------------------------------------------------------------
+
+
+def test_lecture_cnn_is_pytorchs_mnist_example():
+    """Two 3x3 convs 32 and 64, one max pool, dropout 0.25 / 0.5, a 128-unit head: the
+    example's 1,199,882 parameters."""
+    model = CNN((1, 28, 28), (32, 64), 10, kernel=3, padding="valid", pool="max",
+                pool_at="last", dropout="both", conv_dropout_rate=0.25, head_dropout_rate=0.5)
+    assert [type(m).__name__ for m in model.net] == [
+        "Normalize", "Conv2d", "ReLU", "Conv2d", "ReLU", "MaxPool2d", "Flatten", "Dropout",
+        "Linear", "ReLU", "Dropout", "Linear"]
+    assert count_parameters(model) == 1_199_882
+    assert model.feature_shape == (64, 12, 12)
+
+
+@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize("pool_at", POOL_AT)
+def test_cnn_channels_array_and_pooling(pool, pool_at):
+    model = CNN((1, 28, 28), (8, 16, 32), 10, pool=pool, pool_at=pool_at, batch_norm=True)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 16, 32]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 3
+    # pooling halves (rounding down); a stride-2 3x3 conv with padding 1 rounds up: 7 -> 4
+    side = {"each": 4 if pool == "stride" else 3, "last": 14}[pool_at]
+    assert model.feature_shape == (32, side, side)
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_cnn_pooling_stops_at_one_pixel():
+    model = CNN((1, 8, 8), (4, 4, 4, 4, 4), 3, pool="max")
+    assert model.feature_shape == (4, 1, 1) and model(torch.rand(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_cnn_per_channel_normalization_buffers():
+    model = CNN((3, 16, 16), (4,), 5, mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5))
+    assert model.net[0].mean.shape == (3, 1, 1)
+    assert torch.allclose(model.net[0](torch.full((1, 3, 2, 2), 0.6))[0, :, 0, 0],
+                          torch.tensor([1.0, 0.8, 0.6]))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"channels": ()}, "non-empty"),
+    ({"channels": (8,), "pool": "median"}, "pool"),
+    ({"channels": (8,), "kernel": 4}, "odd kernel"),
+    ({"channels": (8, 8, 8), "kernel": 5, "padding": "valid"}, "leaves no pixels"),
+])
+def test_bad_cnn_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CNN((1, 8, 8), n_classes=10, **kwargs)

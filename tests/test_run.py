@@ -28,7 +28,7 @@ def test_help_lists_studies(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--study", "resnet"], "unknown study 'resnet'; valid studies: mlp"),
+    (["--study", "resnet"], "unknown study 'resnet'; valid studies: cnn, mlp"),
     (["--study", "mlp", "--n-trials", "0"], "--n-trials must be at least 1"),
     (["--study", "mlp", "--epochs", "-3"], "--epochs must be at least 1"),
     (["--study", "mlp", "--timeout", "0"], "--timeout must be positive"),

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import optuna
 import pytest
+import torch
 
-from search.models import DROPOUT_PLACEMENTS, PAIRS
+from search.augment import FAMILIES, LEVELS, AugmentSpec
+from search.models import CNN_DROPOUT, DROPOUT_PLACEMENTS, PADDINGS, PAIRS, POOL_AT, POOLS
 from search.registry import STUDIES
-from spaces import mlp
+from spaces import cnn, mlp
 
 
 @pytest.mark.parametrize("name", sorted(mlp.REFERENCES))
@@ -67,3 +71,78 @@ def test_registry_specs_build_their_references(name):
         built = spec.build(params, (1, 28, 28), 10, 0.13, 0.31)
         optimizer = built.make_optimizer(built.model)
         assert optimizer.param_groups[0]["lr"] == params.lr
+
+
+# --- cnn -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(cnn.REFERENCES))
+def test_cnn_references_round_trip_through_fixed_trial(name):
+    params = cnn.REFERENCES[name]
+    assert cnn.suggest(optuna.trial.FixedTrial(cnn.to_trial_params(params))) == params
+
+
+def test_cnn_references_are_the_lecture_and_the_exercise():
+    lecture, exercise = cnn.LECTURE, cnn.EXERCISE
+    assert lecture.channels == (32, 64) and lecture.head_width == 128
+    assert not lecture.augment.active and lecture.normalization == "lecture"
+    assert exercise.augment.active and exercise.normalization == "train"
+    assert dataclasses.replace(exercise, augment=lecture.augment,
+                               normalization="lecture") == lecture
+
+
+BASE = cnn.to_trial_params(cnn.LECTURE)
+CHOICES = [("kernel", k) for k in cnn.KERNELS] + [("padding", p) for p in PADDINGS] + [
+    ("batch_norm", b) for b in (False, True)] + [("pool", p) for p in POOLS] + [
+    ("pool_at", p) for p in POOL_AT] + [("pair", p) for p in cnn.PAIRS] + [
+    ("schedule", s) for s in cnn.SCHEDULES] + [("normalization", n) for n in
+                                               cnn.NORMALIZATIONS]
+
+
+@pytest.mark.parametrize("key, value", CHOICES, ids=[f"{k}={v}" for k, v in CHOICES])
+def test_every_cnn_choice_builds_a_model_with_class_scores(key, value):
+    params = cnn.suggest(optuna.trial.FixedTrial({**BASE, key: value}))
+    built = STUDIES["cnn"].build(params, (1, 28, 28), 10, (0.13,), (0.31,))
+    assert built.model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    optimizer = built.make_optimizer(built.model)
+    scheduler = built.make_scheduler(optimizer, 10)
+    assert (scheduler is None) == (params.schedule == "constant")
+
+
+@pytest.mark.parametrize("placement", CNN_DROPOUT)
+@pytest.mark.parametrize("optimizer", cnn.OPTIMIZERS)
+def test_cnn_conditional_params(placement, optimizer):
+    flat = {k: v for k, v in BASE.items() if "dropout_rate" not in k and not k.endswith("_lr")}
+    flat.update({"dropout": placement, "optimizer": optimizer, f"{optimizer}_lr": 0.01,
+                 "conv_dropout_rate": 0.2, "head_dropout_rate": 0.4, "aug_strength": 0.5,
+                 **{f"aug_{f}": f in ("blur", "distort") for f in FAMILIES}})
+    params = cnn.suggest(optuna.trial.FixedTrial(flat))
+    assert params.conv_dropout_rate == (0.2 if placement in ("conv", "both") else 0.0)
+    assert params.head_dropout_rate == (0.4 if placement in ("head", "both") else 0.0)
+    assert params.lr == 0.01 and params.augment == AugmentSpec(0.5, ("blur", "distort"))
+    built = STUDIES["cnn"].build(params, (1, 28, 28), 10, (0.13,), (0.31,))
+    assert sum(isinstance(m, torch.nn.Dropout) for m in built.model.modules()) == {
+        "none": 0, "conv": 1, "head": 1, "both": 2}[placement]
+    assert built.augment == params.augment
+
+
+def test_sampled_cnn_params_stay_in_the_space_and_build():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    strengths, blocks = set(), set()
+    for _ in range(60):
+        trial = study.ask()
+        params = cnn.suggest(trial)
+        study.tell(trial, 0.0)
+        strengths.add(params.augment.strength)
+        blocks.add(len(params.channels))
+        assert all(cnn.CHANNEL_RANGE[0] <= c <= cnn.CHANNEL_RANGE[1] for c in params.channels)
+        assert params.augment.strength in LEVELS
+        if params.augment.strength == 0:
+            assert params.augment.families == ()
+        try:
+            built = STUDIES["cnn"].build(params, (1, 28, 28), 10, (0.13,), (0.31,))
+        except ValueError as exc:  # only valid padding may run out of pixels
+            assert params.padding == "valid" and "leaves no pixels" in str(exc)
+            continue
+        assert built.model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert strengths == set(LEVELS) and blocks == set(range(1, cnn.MAX_BLOCKS + 1))

@@ -120,12 +120,13 @@ class _Forbidden:
         raise AssertionError("a trial read the test split (len)")
 
 
-def test_trials_never_read_the_test_split(tmp_path, digits):
+@pytest.mark.parametrize("name", sorted(STUDIES))
+def test_trials_never_read_the_test_split(tmp_path, digits, name):
     blind = dataclasses.replace(digits, test=_Forbidden())
-    cfg = _cfg(f"sqlite:///{tmp_path / 's.db'}", "blind", epochs=2)
+    cfg = _cfg(f"sqlite:///{tmp_path / 's.db'}", "blind", epochs=2, study=name)
     # the study records the test split's size; the trials must not touch it at all
-    study = open_study(cfg, STUDIES["mlp"], digits, storage.open(cfg.storage), "blind")
-    study.optimize(Objective(STUDIES["mlp"], blind, cfg, torch.device("cpu")), n_trials=3)
+    study = open_study(cfg, STUDIES[name], digits, storage.open(cfg.storage), "blind")
+    study.optimize(Objective(STUDIES[name], blind, cfg, torch.device("cpu")), n_trials=3)
     assert all(t.state == TrialState.COMPLETE for t in study.get_trials()[:2])
 
 

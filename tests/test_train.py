@@ -7,8 +7,17 @@ import torch
 from torch import nn
 
 from search.errors import ConfigError, TrialDiverged
-from search.models import MLP
-from search.train import DeviceSplit, evaluate_accuracy, fit, make_optimizer, resolve_device
+from search.models import CNN, MLP
+from search.train import (
+    DeviceSplit,
+    Speed,
+    evaluate_accuracy,
+    fit,
+    make_optimizer,
+    make_scheduler,
+    predict_scores,
+    resolve_device,
+)
 
 
 def _train(digits, seed=0, epochs=3, loss_fn=None, lr=1e-3):
@@ -72,3 +81,59 @@ def test_unknown_optimizer_and_devices():
             resolve_device("cuda")
     with pytest.raises(ConfigError, match="not a device"):
         resolve_device("toaster")
+
+
+def test_onecycle_schedule_steps_every_batch(digits):
+    model = MLP(64, (8,), 10)
+    optimizer = make_optimizer("adam", model, 0.01)
+    scheduler = make_scheduler("onecycle", optimizer, 0.01, total_steps=20)
+    split = DeviceSplit.of(digits.train, torch.device("cpu"))
+    lrs = []
+    fit(model, nn.CrossEntropyLoss(), optimizer, split, split, epochs=1, batch_size=64,
+        seed=0, scheduler=scheduler, on_epoch=lambda r: lrs.append(optimizer.param_groups[0]
+                                                                   ["lr"]))
+    assert scheduler.last_epoch == -(-len(split) // 64)  # one step per batch
+    assert lrs[0] != 0.01 and make_scheduler("constant", optimizer, 0.01, 20) is None
+    with pytest.raises(ValueError, match="unknown learning-rate schedule"):
+        make_scheduler("warm-restarts", optimizer, 0.01, 20)
+
+
+def test_epoch_images_replace_the_training_images_but_not_labels(digits):
+    split = DeviceSplit.of(digits.train, torch.device("cpu"))
+    blank = torch.zeros_like(split.x)
+    asked = []
+
+    def epoch_images(epoch):
+        asked.append(epoch)
+        return blank
+
+    torch.manual_seed(0)
+    model = MLP(64, (16,), 10)
+    history = fit(model, nn.CrossEntropyLoss(), make_optimizer("adam", model, 1e-2), split,
+                  DeviceSplit.of(digits.val, torch.device("cpu")), epochs=3, batch_size=64,
+                  seed=0, epoch_images=epoch_images)
+    assert asked == [1, 2, 3]
+    # trained on blank images the net learns only the class prior: near chance on real ones
+    assert history[-1].val_accuracy < 0.3
+
+
+def test_speed_settings_per_model_and_device():
+    cpu = torch.device("cpu")
+    assert Speed.of(MLP(4, (2,), 2), cpu) == Speed()  # the MLP trains in float32 on a CPU
+    conv = Speed.of(CNN((1, 8, 8), (4,), 2), cpu)
+    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert conv == (Speed(True, torch.bfloat16) if native_bf16 else Speed())
+    assert Speed(True, torch.bfloat16).describe() == "channels_last, bfloat16 autocast"
+
+
+def test_a_cnn_learns_with_the_fast_settings_and_scores_in_float32(digits):
+    torch.manual_seed(0)
+    model = CNN((1, 8, 8), (16, 32), 10, batch_norm=True, mean=(digits.mean,),
+                std=(digits.std,))
+    train = DeviceSplit.of(digits.train, torch.device("cpu"))
+    val = DeviceSplit.of(digits.val, torch.device("cpu"))
+    history = fit(model, nn.CrossEntropyLoss(), make_optimizer("adam", model, 3e-3), train,
+                  val, epochs=4, batch_size=64, seed=0)
+    assert history[-1].val_accuracy > 0.85
+    scores = predict_scores(model, val.x)
+    assert scores.dtype == torch.float32
