@@ -14,6 +14,7 @@ from pathlib import Path
 
 from search import data as data_module
 from search import metrics as metrics_module
+from search.cli import Parser, setup_logging
 from search.errors import ConfigError
 from search.export import load_model
 from search.train import predict_scores
@@ -51,10 +52,8 @@ def evaluate(path: str, data: str | None = None, data_dir: str | None = None) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    from search.run import _Parser, setup_logging
-
     setup_logging()
-    parser = _Parser(prog="python -m search.evaluate", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m search.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="path to model.pt (model.json must be beside it)")
     parser.add_argument("--data", choices=data_module.DATASETS,
                         help="data set to score on (default: the one in model.json)")

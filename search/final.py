@@ -26,6 +26,7 @@ from search import augment as augment_module
 from search import data as data_module
 from search import export, plots, registry, report, report_content, report_sections
 from search import metrics as metrics_module
+from search.cli import Parser, setup_logging
 from search.config import RunConfig, trial_seed, versions
 from search.data import Dataset
 from search.errors import ConfigError
@@ -294,10 +295,8 @@ def _attach(outcome: Outcome, opened, cfg: RunConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from search.run import _Parser, setup_logging
-
     setup_logging()
-    parser = _Parser(prog="python -m search.final", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m search.final", description=__doc__.splitlines()[0])
     parser.add_argument("--study-name", required=True)
     parser.add_argument("--storage", default=storage.DEFAULT_URL)
     parser.add_argument("--final-seeds", type=int, default=3)

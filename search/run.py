@@ -21,6 +21,7 @@ from tqdm import tqdm
 import storage
 from search import data as data_module
 from search import registry
+from search.cli import Parser, setup_logging
 from search.config import PRUNERS, SAMPLERS, RunConfig
 from search.data import Dataset
 from search.errors import ConfigError
@@ -31,14 +32,9 @@ from search.workers import plan_devices, run_workers
 log = logging.getLogger("search")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2, no usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     studies = "\n".join(f"  {s.name:8} {s.description}" for s in registry.STUDIES.values())
-    parser = _Parser(
+    parser = Parser(
         prog="python -m search.run",
         description="Hyperparameter search for image classifiers on Optuna + PyTorch.",
         epilog=f"studies:\n{studies}\n\nbrowse trials: optuna-dashboard sqlite:///studies.db",
@@ -92,22 +88,6 @@ def config_from_args(argv: list[str] | None = None) -> RunConfig:
         final_seeds=args.final_seeds, runs_dir=args.runs_dir, artifact_dir=args.artifact_dir,
         cache_dir=args.cache_dir,
     )
-
-
-class _TqdmHandler(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(self.format(record), file=sys.stderr)
-
-
-def setup_logging() -> None:
-    handler = _TqdmHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # we log each trial ourselves
-    optuna.logging.disable_default_handler()
-    optuna.logging.enable_propagation()
 
 
 class TrialReporter:

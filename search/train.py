@@ -144,19 +144,21 @@ def fit(
     on_epoch: Callable[[EpochResult], None] | None = None,
     scheduler=None,
     epoch_images: Callable[[int], torch.Tensor] | None = None,
+    speed: Speed | None = None,
 ) -> list[EpochResult]:
     """Train for `epochs`, scoring validation accuracy after each; returns the history.
 
     `on_epoch` sees each result and may raise (optuna.TrialPruned) to stop early.
     `scheduler` is stepped after every batch. `epoch_images(epoch)` (1-based) gives the
     uint8 training images of that epoch on the device, shaped like `train.x`; the labels
-    stay `train.y`. Raises TrialDiverged when the loss becomes non-finite or explodes.
+    stay `train.y`. `speed` overrides Speed.of(model, device) (benchmarks compare them).
+    Raises TrialDiverged when the loss becomes non-finite or explodes.
     """
     generator = torch.Generator().manual_seed(seed)
     history: list[EpochResult] = []
     n = len(train)
     device = train.x.device
-    speed = Speed.of(model, device)
+    speed = speed or Speed.of(model, device)
     if speed.channels_last:
         model.to(memory_format=torch.channels_last)
     layout = torch.channels_last if speed.channels_last else torch.contiguous_format

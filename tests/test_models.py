@@ -134,6 +134,14 @@ def test_cnn_pooling_stops_at_one_pixel():
     assert model.feature_shape == (4, 1, 1) and model(torch.rand(2, 1, 8, 8)).shape == (2, 3)
 
 
+@pytest.mark.parametrize("size", [8, 28])
+def test_valid_padding_never_runs_out_of_pixels(size):
+    model = CNN((1, size, size), (4, 4, 4, 4), 10, kernel=5, padding="valid")
+    assert model(torch.rand(2, 1, size, size)).shape == (2, 10)
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert first.padding == (0, 0)  # valid where the map is large enough
+
+
 def test_cnn_per_channel_normalization_buffers():
     model = CNN((3, 16, 16), (4,), 5, mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5))
     assert model.net[0].mean.shape == (3, 1, 1)
@@ -144,8 +152,7 @@ def test_cnn_per_channel_normalization_buffers():
 @pytest.mark.parametrize("kwargs, message", [
     ({"channels": ()}, "non-empty"),
     ({"channels": (8,), "pool": "median"}, "pool"),
-    ({"channels": (8,), "kernel": 4}, "odd kernel"),
-    ({"channels": (8, 8, 8), "kernel": 5, "padding": "valid"}, "leaves no pixels"),
+    ({"channels": (8,), "kernel": 4}, "kernel must be odd"),
 ])
 def test_bad_cnn_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):

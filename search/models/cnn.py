@@ -3,6 +3,9 @@
 A block is conv (k x k) -> [batch norm] -> activation -> [pooling]. Pooling is 2x2 max or
 average pooling, or the block's conv itself with stride 2 ("stride"); it follows every
 block ("each") or only the last ("last"), and stops once the feature map is 1 pixel wide.
+"valid" padding pads nothing, except in a block whose input is smaller than the kernel,
+which is padded as "same" would: so every point of the space fits every input size (8x8
+digits included) instead of failing its trial.
 The head is flatten -> [dropout] -> Linear(head_width) -> activation -> [dropout] ->
 Linear(classes). With channels (32, 64), kernel 3, "valid" padding, max pooling after the
 last block, dropout 0.25 / 0.5 and a 128-unit head this is PyTorch's classic MNIST example
@@ -26,8 +29,8 @@ CNN_DROPOUT = ("none", "conv", "head", "both")  # after the conv stack, in the h
 
 
 class CNN(nn.Module):
-    """Raises ValueError on an empty or non-positive channels array, an unknown choice, an
-    even kernel with "same" padding, or a feature map that shrinks to nothing."""
+    """Raises ValueError on an empty or non-positive channels array, an unknown choice or an
+    even kernel."""
 
     def __init__(
         self,
@@ -58,8 +61,8 @@ class CNN(nn.Module):
                                      ("dropout placement", dropout, CNN_DROPOUT),
                                      ("activation", activation, ACTIVATIONS)):
             check_choice(kind, value, choices)
-        if padding == "same" and kernel % 2 == 0:
-            raise ValueError(f"'same' padding needs an odd kernel, got {kernel}")
+        if kernel % 2 == 0 or kernel < 1:
+            raise ValueError(f"the kernel must be odd (centred 'same' padding), got {kernel}")
         ending = head_output(output)
         self.channels = tuple(int(c) for c in channels)
         in_channels, height, width = (int(v) for v in image_shape)
@@ -69,13 +72,12 @@ class CNN(nn.Module):
             pools_here = (pool_at == "each" or i == len(self.channels) - 1) and min(
                 height, width) >= 2
             stride = 2 if pools_here and pool == "stride" else 1
+            # "valid" on a map smaller than the kernel would leave nothing: pad that block
+            block_pad = kernel // 2 if min(height, width) < kernel else pad
             layers.append(nn.Conv2d(in_channels, out_channels, kernel, stride=stride,
-                                    padding=pad, bias=not batch_norm))
-            height, width = ((size + 2 * pad - kernel) // stride + 1 for size in (height, width))
-            if min(height, width) < 1:
-                raise ValueError(f"block {i + 1} ({kernel}x{kernel} conv, {padding} padding) "
-                                 f"leaves no pixels of a {image_shape[1]}x{image_shape[2]} "
-                                 "image; use fewer blocks or 'same' padding")
+                                    padding=block_pad, bias=not batch_norm))
+            height, width = ((size + 2 * block_pad - kernel) // stride + 1
+                             for size in (height, width))
             if batch_norm:
                 layers.append(nn.BatchNorm2d(out_channels))
             layers.append(ACTIVATIONS[activation]())
