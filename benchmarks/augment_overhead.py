@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 import time
 import warnings
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # a line per trial, also into a file
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -70,7 +72,8 @@ def main() -> None:
         started = time.perf_counter()
         studies["searched"].optimize(objectives["searched"], n_trials=1)
         seconds = {"searched": time.perf_counter() - started}
-        trial = studies["searched"].trials[-1]
+        finished = [t for t in studies["searched"].trials if t.datetime_complete]
+        trial = max(finished, key=lambda t: t.datetime_complete)
         plain = {k: v for k, v in trial.params.items() if not k.startswith("aug_")}
         studies["off"].enqueue_trial({**plain, "aug_strength": 0.0})
         started = time.perf_counter()

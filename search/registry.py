@@ -101,34 +101,26 @@ def build_cnn(params: cnn_space.CNNParams, image_shape, n_classes: int, mean, st
     )
 
 
+def _study(space, name: str, description: str, build: Callable[..., Built],
+           default_epochs: int, augments: bool = False) -> StudySpec:
+    """A registry row from a spaces/ module (VERSION, suggest, to_trial_params, describe,
+    REFERENCES) and the builder of its models."""
+    return StudySpec(
+        name=name, description=description, space_version=space.VERSION,
+        suggest=space.suggest, to_trial_params=space.to_trial_params, build=build,
+        describe=space.describe, default_data="auto", default_epochs=default_epochs,
+        references=MappingProxyType(dict(space.REFERENCES)), augments=augments,
+    )
+
+
 STUDIES: Mapping[str, StudySpec] = MappingProxyType({
-    "mlp": StudySpec(
-        name="mlp",
-        description="MNIST MLP: hidden-layer widths array, dropout placement and rate, "
-                    "activation/loss pair, optimizer and learning rate",
-        space_version=mlp_space.VERSION,
-        suggest=mlp_space.suggest,
-        to_trial_params=mlp_space.to_trial_params,
-        build=build_mlp,
-        describe=mlp_space.describe,
-        default_data="auto",
-        default_epochs=20,
-        references=MappingProxyType(dict(mlp_space.REFERENCES)),
-    ),
-    "cnn": StudySpec(
-        name="cnn",
-        description="CNN: conv channels array, kernel, batch norm, pooling, dropout, head, "
-                    "activation/loss pair, optimizer, lr schedule, albumentations strength",
-        space_version=cnn_space.VERSION,
-        suggest=cnn_space.suggest,
-        to_trial_params=cnn_space.to_trial_params,
-        build=build_cnn,
-        describe=cnn_space.describe,
-        default_data="auto",
-        default_epochs=8,  # a CNN epoch costs ~10x an MLP's on a CPU; pruning cuts the rest
-        references=MappingProxyType(dict(cnn_space.REFERENCES)),
-        augments=True,
-    ),
+    "mlp": _study(mlp_space, "mlp", "MNIST MLP: hidden-layer widths array, dropout placement "
+                  "and rate, activation/loss pair, optimizer and learning rate",
+                  build_mlp, default_epochs=20),
+    # a CNN epoch costs ~10x an MLP's on a CPU, and pruning cuts the rest
+    "cnn": _study(cnn_space, "cnn", "CNN: conv channels array, kernel, batch norm, pooling, "
+                  "dropout, head, activation/loss pair, optimizer, lr schedule, "
+                  "albumentations strength", build_cnn, default_epochs=8, augments=True),
 })
 
 

@@ -132,24 +132,24 @@ def artifact_dir(url: str, directory: str | Path | None = None) -> Path:
     """Where the final models and reports are stored as Optuna artifacts: `directory` if
     given, else beside an SQLite database (studies.db -> studies-artifacts/), else
     ./artifacts. optuna-dashboard shows them with --artifact-dir pointing here."""
-    if directory is not None:
-        return Path(directory)
-    path = sqlite_path(url)
-    if path is not None:
-        return path.parent / f"{path.stem}-artifacts"
-    return Path("artifacts")
+    return _beside(url, directory, "artifacts")
 
 
 def cache_dir(url: str, directory: str | Path | None = None) -> Path:
     """Where work shared by many trials is cached (augmented copies, frozen features):
     `directory` if given, else beside an SQLite database (studies.db -> studies-cache/),
     else ./cache. Nothing is created here."""
+    return _beside(url, directory, "cache")
+
+
+def _beside(url: str, directory: str | Path | None, kind: str) -> Path:
+    """`directory`, else <db stem>-<kind>/ beside an SQLite file, else ./<kind>."""
     if directory is not None:
         return Path(directory)
     path = sqlite_path(url)
     if path is not None:
-        return path.parent / f"{path.stem}-cache"
-    return Path("cache")
+        return path.parent / f"{path.stem}-{kind}"
+    return Path(kind)
 
 
 def artifact_store(url: str, directory: str | Path | None = None):

@@ -112,3 +112,12 @@ def test_two_workers_share_one_budget_and_log_every_trial(tmp_path):
 def test_bad_worker_count_is_one_line(capsys):
     assert main(["--study", "mlp", "--workers", "0"]) == 2
     assert "--workers must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("study, epochs", [("mlp", 20), ("cnn", 8)])
+def test_epochs_default_to_the_studys_own(study, epochs):
+    from search.run import config_from_args
+
+    assert config_from_args(["--study", study]).epochs == epochs
+    assert config_from_args(["--study", study, "--epochs", "3"]).epochs == 3
+    assert config_from_args(["--study", study, "--cache-dir", "c"]).cache_dir == "c"
