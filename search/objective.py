@@ -61,7 +61,7 @@ class Objective:
         try:
             built = self.spec.build(params, self.image_shape, self.n_classes, self.mean,
                                     self.std)
-        except ValueError as exc:  # e.g. valid convolutions that leave no pixels of 8x8
+        except ValueError as exc:  # params the builder refuses for this input shape
             trial.set_user_attr("failure", f"does not fit the input: {exc}")
             raise optuna.TrialPruned(str(exc)) from None
         model = built.model.to(self.device)

@@ -216,15 +216,19 @@ def _comparison(outcome) -> list[Block]:
         Table(["config", "architecture and training", "parameters", "val accuracy",
                "test accuracy", "macro F1", "s/epoch", "notes"], rows),
     ]
-    best = results["best found"]
-    for label, result in results.items():
-        if label == "best found" or not result.runs or not best.runs:
+    # each step the exercise took from the lecture's config, then each reference to the best
+    labels = [label for label in results if label != "best found"]
+    steps = [(labels[0], later) for later in labels[1:]] + [(label, "best found")
+                                                             for label in labels]
+    for start, end in steps:
+        before, after = results[start], results[end]
+        if not before.runs or not after.runs:
             continue
-        delta = (best.summary()["test_accuracy"]["mean"]
-                 - result.summary()["test_accuracy"]["mean"]) * 100
-        changes = param_changes(result.params, best.params)
+        delta = (after.summary()["test_accuracy"]["mean"]
+                 - before.summary()["test_accuracy"]["mean"]) * 100
+        changes = param_changes(before.params, after.params)
         blocks.append(Text(
-            f"**From the {label} to the best found** ({', '.join(changes) or 'no change'}): "
+            f"**From the {start} to the {end}** ({', '.join(changes) or 'no change'}): "
             f"test accuracy {delta:+.2f} points"))
     return blocks
 

@@ -84,6 +84,11 @@ def test_report_shows_references_augmentation_and_the_mlp_beside_it(finished):
     for label in ("best found", "lecture net", "exercise net"):
         assert f"| {label} |" in comparison
     assert "augmentation none" in comparison  # the lecture CNN, said so
+    # what the exercise changed, and what that did to the test score
+    step = re.search(r"\*\*From the lecture net to the exercise net\*\* \((.*)\): test "
+                     r"accuracy [+-]\d+\.\d+ points", comparison)
+    assert step and "normalization lecture → train" in step.group(1)
+    assert "augment.strength 0 → 0.5" in step.group(1)
     others = md.split("## Other studies on the same data")[1].split("\n## ")[0]
     assert f"| mlp-digits | mlp | {mlp_outcome.test['accuracy']:.4f} |" in others
     assert f"| cnn-digits (this study) | cnn | {outcome.test['accuracy']:.4f} |" in others
