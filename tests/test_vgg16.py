@@ -1,0 +1,130 @@
+"""The frozen VGG16 of the vgg16 study: weights found or one clear error, frozen means
+frozen, both heads, ImageNet input. Random weights (--weights none) stand in for ImageNet's,
+which cannot be downloaded here; a small input size keeps it fast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from search.models import count_parameters
+from search.models import vgg16 as vgg16_module
+from search.models.vgg16 import FrozenVGG16, ImageNetInput, WeightsError, resolve_weights
+from search.train import DeviceSplit, fit, make_optimizer
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return resolve_weights("none", seed=0)
+
+
+@pytest.fixture(scope="module")
+def saved(weights, tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "vgg16.pth"
+    torch.save(weights.state, path)
+    return path
+
+
+def test_random_weights_are_seeded(weights):
+    again = resolve_weights("none", seed=0)
+    assert again.sha256 == weights.sha256 and weights.kind == "none"
+    assert "seed 0" in weights.source
+    other = resolve_weights("none", seed=1)
+    assert other.sha256 != weights.sha256
+
+
+@pytest.mark.parametrize("head", ["exercise", "small"])
+def test_frozen_means_frozen(weights, head):
+    torch.manual_seed(0)
+    model = FrozenVGG16(3, head=head, input_size=32, hidden=16, state=weights.state)
+    frozen = {k: v.clone() for k, v in model.frozen.state_dict().items()}
+    head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
+    assert all(not p.requires_grad for p in model.frozen.parameters())
+    optimizer = make_optimizer("sgd", model, 0.1)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for p in model.head.parameters()}  # only the head is optimized
+    x = torch.randint(0, 256, (24, 1, 28, 28), dtype=torch.uint8)
+    split = DeviceSplit(x, torch.arange(24) % 3)
+    fit(model, nn.CrossEntropyLoss(), optimizer, split, split, epochs=2, batch_size=8, seed=0)
+    after = model.frozen.state_dict()
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)  # bit-identical
+    assert any(not torch.equal(head_before[k], v) for k, v in model.head.state_dict().items())
+    trainable, total = count_parameters(model), count_parameters(model, trainable_only=False)
+    assert trainable == sum(p.numel() for p in model.head.parameters()) < total
+
+
+def test_heads_and_feature_widths(weights):
+    exercise = FrozenVGG16(10, head="exercise", input_size=32, state=weights.state)
+    assert isinstance(exercise.head, nn.Linear) and exercise.head.in_features == 4096
+    small = FrozenVGG16(10, head="small", input_size=64, hidden=32, state=weights.state)
+    x = torch.rand(2, 1, 28, 28)
+    assert small.features(x).shape == (2, 512 * 2 * 2)  # 64 px: a 2x2 map of 512
+    assert exercise(x).shape == small(x).shape == (2, 10)
+    # train() leaves the frozen part in eval mode: its outputs (the cache) never change
+    exercise.train()
+    assert not exercise.frozen.training
+    assert torch.equal(exercise.features(x), exercise.features(x))
+
+
+def test_imagenet_input_repeats_resizes_and_normalizes():
+    prep = ImageNetInput(32)
+    out = prep(torch.full((1, 1, 28, 28), 0.5))
+    assert out.shape == (1, 3, 32, 32)
+    expected = (0.5 - torch.tensor(vgg16_module.IMAGENET_MEAN)) / torch.tensor(
+        vgg16_module.IMAGENET_STD)
+    assert torch.allclose(out[0, :, 5, 5], expected)
+    with pytest.raises(ValueError, match="at least 32"):
+        ImageNetInput(16)
+
+
+def test_imagenet_weights_offline_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(vgg16_module, "_download", lambda url, path: "URLError: offline")
+    with pytest.raises(WeightsError) as info:
+        resolve_weights("imagenet")
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "vgg16-397923af.pth") in message
+    assert "--weights PATH" in message and "--weights none" in message
+    assert not list((tmp_path / "torch").rglob("*.pth"))  # nothing written
+
+
+def test_imagenet_weights_from_torchvisions_cache(tmp_path, monkeypatch, saved, weights):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path, _ = vgg16_module.imagenet_file()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(saved.read_bytes())
+    found = resolve_weights("imagenet")
+    assert found.kind == "imagenet" and found.source == str(path)
+    assert found.sha256 == vgg16_module._file_sha256(saved)
+    assert torch.equal(found.state["features.0.weight"], weights.state["features.0.weight"])
+
+
+def test_weights_from_a_path(saved, weights):
+    found = resolve_weights(str(saved))
+    assert found.kind == "path" and len(found.sha256) == 64
+    assert all(torch.equal(found.state[k], weights.state[k]) for k in weights.state)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_bad_weight_files_are_one_clear_error(tmp_path, saved, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = saved.read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 3])
+    with pytest.raises(WeightsError, match="not a readable PyTorch file"):
+        resolve_weights(str(tmp_path / "truncated.pth"))
+    torch.save({"weights": _RunsCode()}, tmp_path / "evil.pth")
+    with pytest.raises(WeightsError, match="refused: it holds pickled objects"):
+        resolve_weights(str(tmp_path / "evil.pth"))
+    assert not (tmp_path / "PWNED").exists()
+    torch.save(nn.Linear(3, 2).state_dict(), tmp_path / "linear.pth")
+    with pytest.raises(WeightsError,
+                       match=r"not a VGG16 state_dict \(missing classifier.0.bias.*unexpected"):
+        resolve_weights(str(tmp_path / "linear.pth"))
+    with pytest.raises(WeightsError, match="no such file"):
+        resolve_weights(str(tmp_path / "nowhere.pth"))
