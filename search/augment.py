@@ -16,12 +16,8 @@ images a trial saw follow from its seed; a copy's pixels follow from its key alo
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
-import json
 import logging
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -30,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from search.cache import ArrayStore, key_name
 
 log = logging.getLogger(__name__)
 
@@ -170,10 +168,8 @@ class CacheStats:
 class AugmentCache:
     """Augmented copies of one training split, by (spec, copy index); see the module doc.
 
-    `directory` None keeps copies in memory only. Files are written to a temporary name and
-    renamed into place, with a sha256 beside them; a file that is missing, truncated or
-    fails its digest is made again, never trusted. A lock file per copy keeps concurrent
-    workers from making the same copy twice.
+    `directory` None keeps copies in memory only; on disk they are a search.cache
+    ArrayStore (atomic, sha256-checked, one maker at a time).
     """
 
     images: torch.Tensor  # uint8 [N, C, H, W], on the CPU
@@ -207,12 +203,7 @@ class AugmentCache:
                 self._memory.move_to_end(name)
                 self.stats.from_memory += 1
                 return self._memory[name]
-            array = self._read(name) if self.directory is not None else None
-            if array is not None:
-                self.stats.from_disk += 1
-            else:
-                array = self._make(spec, index, name)
-            tensor = torch.from_numpy(array)
+            tensor = torch.from_numpy(self._load_or_make(spec, index, name))
             self._memory[name] = tensor
             while len(self._memory) > MEMORY_COPIES:
                 self._memory.popitem(last=False)
@@ -221,69 +212,25 @@ class AugmentCache:
             self.stats.seconds += time.perf_counter() - started
 
     def _name(self, spec: AugmentSpec, index: int) -> str:
-        key = {**self.key, "strength": spec.strength, "families": sorted(spec.families),
-               "copy": index}
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        return key_name({**self.key, "strength": spec.strength,
+                         "families": sorted(spec.families), "copy": index})
 
-    def _paths(self, name: str) -> tuple[Path, Path]:
-        assert self.directory is not None
-        return self.directory / f"{name}.npy", self.directory / f"{name}.sha256"
-
-    def _read(self, name: str) -> np.ndarray | None:
-        array_path, digest_path = self._paths(name)
-        try:
-            expected = digest_path.read_text().strip()
-            data = array_path.read_bytes()
-        except OSError:
-            return None
-        if hashlib.sha256(data).hexdigest() != expected:
-            log.warning("augmentation cache %s is truncated or corrupt; making it again",
-                        array_path)
-            return None
-        try:
-            array = np.load(io.BytesIO(data), allow_pickle=False)
-        except ValueError:
-            return None
-        if array.shape != tuple(self.images.shape) or array.dtype != np.uint8:
-            return None
-        return array
-
-    def _make(self, spec: AugmentSpec, index: int, name: str) -> np.ndarray:
+    def _load_or_make(self, spec: AugmentSpec, index: int, name: str) -> np.ndarray:
         seed = int(name[:8], 16)  # from the key: every trial and worker gets the same copy
+
+        def make() -> np.ndarray:
+            return _parallel_augment(self.images.numpy(), spec, seed, self.processes)
+
         if self.directory is None:
             self.stats.generated += 1
-            return _parallel_augment(self.images.numpy(), spec, seed, self.processes)
-        from filelock import FileLock
-
-        self.directory.mkdir(parents=True, exist_ok=True)
-        array_path, digest_path = self._paths(name)
-        with FileLock(str(array_path) + ".lock"):
-            array = self._read(name)  # another worker may have made it while we waited
-            if array is not None:
-                self.stats.from_disk += 1
-                return array
-            array = _parallel_augment(self.images.numpy(), spec, seed, self.processes)
+            return make()
+        array, made = ArrayStore(self.directory).get_or_make(
+            name, make, tuple(self.images.shape), np.uint8)
+        if made:
             self.stats.generated += 1
-            data = _npy_bytes(array)
-            _write_atomically(array_path, data)
-            _write_atomically(digest_path, hashlib.sha256(data).hexdigest().encode())
+        else:
+            self.stats.from_disk += 1
         return array
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)  # readers see the old file or the whole new one
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
 
 
 @dataclass

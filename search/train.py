@@ -125,6 +125,12 @@ class DeviceSplit:
         return int(self.y.shape[0])
 
 
+def as_input(x: torch.Tensor) -> torch.Tensor:
+    """What a model takes: uint8 pixels scaled to [0, 1] floats; stored features (float16)
+    as float32."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
 def _batches(n: int, batch_size: int, generator: torch.Generator, device) -> Iterator:
     order = torch.randperm(n, generator=generator).to(device)
     for start in range(0, n, batch_size):
@@ -168,7 +174,7 @@ def fit(
         model.train()
         total = torch.zeros((), device=device)
         for index in _batches(n, batch_size, generator, device):
-            batch = images[index].float().div_(255.0).contiguous(memory_format=layout)
+            batch = as_input(images[index]).contiguous(memory_format=layout)
             with torch.autocast(device.type, dtype=speed.autocast or torch.float32,
                                 enabled=speed.autocast is not None):
                 scores = model(batch)
@@ -204,10 +210,10 @@ def train_built(built, train: DeviceSplit, val: DeviceSplit, *, epochs: int, bat
 
 @torch.inference_mode()
 def predict_scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Model outputs for uint8 images `x`, in eval mode, batched."""
+    """Model outputs for uint8 images (or stored features) `x`, in eval mode, batched."""
     model.eval()
     batches = (x[i:i + EVAL_BATCH] for i in range(0, len(x), EVAL_BATCH))
-    return torch.cat([model(batch.float().div_(255.0)) for batch in batches])
+    return torch.cat([model(as_input(batch)) for batch in batches])
 
 
 def evaluate_accuracy(model: nn.Module, split: DeviceSplit) -> float:

@@ -1,0 +1,96 @@
+"""Arrays that many trials reuse, kept on disk beside the storage (studies-cache/).
+
+Used for augmented copies of the training split (search.augment) and for frozen-backbone
+features (search.features). A file is named by a hash of everything it depends on, so a
+changed key is simply another file. It is written under a temporary name and renamed into
+place, with its sha256 in a file beside it: a reader sees a whole file or none, and a file
+that is truncated, corrupted or lacks its digest is made again, never trusted. A lock file
+per name keeps concurrent workers from making the same array twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def key_name(key: dict) -> str:
+    """A file name for everything an array depends on (JSON-able values)."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class ArrayStore:
+    """Arrays in `directory` by name; see the module doc."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def paths(self, name: str) -> tuple[Path, Path]:
+        return self.directory / f"{name}.npy", self.directory / f"{name}.sha256"
+
+    def read(self, name: str, shape: tuple | None = None, dtype=None) -> np.ndarray | None:
+        """The array stored as `name`, or None when it is missing, damaged or not of the
+        given shape and dtype."""
+        array_path, digest_path = self.paths(name)
+        try:
+            expected = digest_path.read_text().strip()
+            data = array_path.read_bytes()
+        except OSError:
+            return None
+        if hashlib.sha256(data).hexdigest() != expected:
+            log.warning("cache file %s is truncated or corrupt; making it again", array_path)
+            return None
+        try:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+        except ValueError:
+            return None
+        if (shape is not None and array.shape != tuple(shape)) or (
+                dtype is not None and array.dtype != np.dtype(dtype)):
+            return None
+        return array
+
+    def get_or_make(self, name: str, make: Callable[[], np.ndarray], shape: tuple | None = None,
+                    dtype=None) -> tuple[np.ndarray, bool]:
+        """(array, made): read `name`, else make it under the lock and store it."""
+        from filelock import FileLock
+
+        array = self.read(name, shape, dtype)
+        if array is not None:
+            return array, False
+        self.directory.mkdir(parents=True, exist_ok=True)
+        array_path, digest_path = self.paths(name)
+        with FileLock(str(array_path) + ".lock"):
+            array = self.read(name, shape, dtype)  # another worker may have made it meanwhile
+            if array is not None:
+                return array, False
+            array = make()
+            data = _npy_bytes(array)
+            _write_atomically(array_path, data)
+            _write_atomically(digest_path, hashlib.sha256(data).hexdigest().encode())
+        return array, True
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)  # readers see the old file or the whole new one
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
