@@ -128,3 +128,55 @@ def test_bad_weight_files_are_one_clear_error(tmp_path, saved, monkeypatch):
         resolve_weights(str(tmp_path / "linear.pth"))
     with pytest.raises(WeightsError, match="no such file"):
         resolve_weights(str(tmp_path / "nowhere.pth"))
+
+
+# --- the feature cache -------------------------------------------------------------------
+
+
+def _features(weights, directory, images):
+    from search.features import FeatureCache
+
+    return FeatureCache({"train": images}, "test", weights, directory, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randint(0, 256, (20, 1, 28, 28), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(0))
+
+
+def test_features_are_computed_once_then_read(weights, images, tmp_path):
+    first = _features(weights, tmp_path, images)
+    made = first.get("train", "small", 32)
+    assert made.shape == (20, 512) and made.dtype == torch.float16
+    assert first.computed == [("train", "small", 32)]
+    assert first.get("train", "small", 32) is made  # in memory
+    second = _features(weights, tmp_path, images)  # another trial process
+    assert torch.equal(second.get("train", "small", 32), made) and second.computed == []
+    # what the whole network computes from images, up to float16 / bf16 rounding
+    model = FrozenVGG16(10, head="small", input_size=32, state=weights.state).eval()
+    with torch.inference_mode():
+        exact = model.features(images.float() / 255)
+    assert torch.allclose(made.float(), exact, rtol=0.05, atol=0.05 * float(exact.abs().max()))
+
+
+def test_a_changed_key_recomputes(weights, images, tmp_path):
+    _features(weights, tmp_path, images).get("train", "small", 32)
+    other_size = _features(weights, tmp_path, images)
+    assert other_size.get("train", "small", 64).shape == (20, 512 * 4)
+    assert other_size.computed == [("train", "small", 64)]
+    other_weights = _features(resolve_weights("none", seed=1), tmp_path, images)
+    other_weights.get("train", "small", 32)
+    assert other_weights.computed == [("train", "small", 32)]
+    other_pixels = _features(weights, tmp_path, images.flip(0))
+    other_pixels.get("train", "small", 32)
+    assert other_pixels.computed == [("train", "small", 32)]
+
+
+def test_a_corrupted_feature_file_is_recomputed(weights, images, tmp_path):
+    expected = _features(weights, tmp_path, images).get("train", "small", 32).clone()
+    stored = next(tmp_path.glob("*.npy"))
+    stored.write_bytes(stored.read_bytes()[:-100])
+    again = _features(weights, tmp_path, images)
+    assert torch.equal(again.get("train", "small", 32), expected)
+    assert again.computed == [("train", "small", 32)]

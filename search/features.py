@@ -1,0 +1,99 @@
+"""The frozen backbone's outputs, computed once and cached (the vgg16 study, issue 7).
+
+A frozen VGG16 maps an image to the same features in every trial, so they are computed once
+per (weights and their sha256, input size, where the network is cut, the split's pixels,
+torch and torchvision versions), in eval mode, batched, under the trainer's fast settings
+(bf16 autocast on CUDA and on CPUs with native bf16), with a progress bar, and stored as
+float16 in a search.cache ArrayStore beside the storage. Every trial then trains only its
+head on them. The test split's features are made only when the final step asks for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from search.cache import ArrayStore, key_name
+from search.models.vgg16 import FrozenVGG16, VGGWeights
+from search.train import Speed
+
+log = logging.getLogger(__name__)
+
+BATCH = 256  # images per backbone pass
+CUTS = {"exercise": "vgg16 classifier[:6] (4096)", "small": "vgg16 features (conv)"}
+
+
+@dataclass
+class FeatureCache:
+    """Features of `splits` (name -> uint8 images [N, C, H, W], CPU) under `weights`."""
+
+    splits: dict
+    dataset: str
+    weights: VGGWeights
+    directory: Path | None
+    device: torch.device
+    computed: list = field(default_factory=list)  # (split, head, size) made by this process
+    _memory: dict = field(default_factory=dict, repr=False)
+
+    def get(self, split: str, head: str, input_size: int) -> torch.Tensor:
+        """float16 features [N, F] of `split` for a head of kind `head` at `input_size` px."""
+        slot = (split, head, input_size)
+        if slot in self._memory:
+            return self._memory[slot]
+        images = self.splits[split]
+        key = {"model": "vgg16", "cut": CUTS[head], "input_size": int(input_size),
+               "weights_sha256": self.weights.sha256, "dataset": self.dataset,
+               "split": split, "n": int(images.shape[0]),
+               "pixels_sha256": hashlib.sha256(images.contiguous().numpy().tobytes())
+               .hexdigest(),
+               "torch": torch.__version__, "torchvision": _torchvision_version()}
+        name = key_name(key)
+        started = time.perf_counter()
+
+        def make() -> np.ndarray:
+            self.computed.append(slot)
+            return self._compute(images, head, input_size, split)
+
+        if self.directory is None:
+            array, made = make(), True
+        else:
+            array, made = ArrayStore(self.directory).get_or_make(name, make, dtype=np.float16)
+        log.info("%s features of the %s split (%d x %d): %s in %.1f s", CUTS[head], split,
+                 *array.shape, "computed" if made else "cache hit", time.perf_counter() - started)
+        tensor = torch.from_numpy(array)
+        self._memory[slot] = tensor
+        return tensor
+
+    @torch.inference_mode()
+    def _compute(self, images: torch.Tensor, head: str, input_size: int,
+                 split: str) -> np.ndarray:
+        model = FrozenVGG16(1, head=head, input_size=input_size, state=self.weights.state)
+        model = model.to(self.device).eval()
+        speed = Speed.of(model, self.device)
+        if speed.channels_last:
+            model.to(memory_format=torch.channels_last)
+        layout = torch.channels_last if speed.channels_last else torch.contiguous_format
+        parts = []
+        batches = range(0, len(images), BATCH)
+        for start in tqdm(batches, desc=f"vgg16 features ({split})", unit="batch",
+                          file=sys.stderr, disable=None, leave=False):
+            x = images[start:start + BATCH].to(self.device).float().div_(255.0)
+            with torch.autocast(self.device.type, dtype=speed.autocast or torch.float32,
+                                enabled=speed.autocast is not None):
+                out = model.features(x.contiguous(memory_format=layout))
+            parts.append(out.float().cpu().numpy().astype(np.float16))
+        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float16)
+
+
+def _torchvision_version() -> str:
+    import torchvision
+
+    return torchvision.__version__
