@@ -74,10 +74,16 @@ class ArrayStore:
             if array is not None:
                 return array, False
             array = make()
-            data = _npy_bytes(array)
-            _write_atomically(array_path, data)
-            _write_atomically(digest_path, hashlib.sha256(data).hexdigest().encode())
+            self.put(name, array)
         return array, True
+
+    def put(self, name: str, array: np.ndarray) -> None:
+        """Store `array` as `name`: the array, then its digest, each renamed into place."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        array_path, digest_path = self.paths(name)
+        data = _npy_bytes(array)
+        _write_atomically(array_path, data)
+        _write_atomically(digest_path, hashlib.sha256(data).hexdigest().encode())
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

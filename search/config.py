@@ -36,6 +36,8 @@ class RunConfig:
     runs_dir: str = "runs"  # final models and reports go to <runs_dir>/<study-name>/
     artifact_dir: str | None = None  # None: beside the SQLite file, else ./artifacts
     cache_dir: str | None = None  # None: beside the SQLite file (studies-cache/), else ./cache
+    weights: str = "imagenet"  # vgg16: imagenet, none (seeded random) or a state_dict path
+    input_size: int = 32  # vgg16: images are resized to this square size (at least 32)
 
     def __post_init__(self) -> None:
         positive = {"--n-trials": self.n_trials, "--epochs": self.epochs,
@@ -53,6 +55,9 @@ class RunConfig:
             raise ConfigError(f"--sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
         if self.pruner not in PRUNERS:
             raise ConfigError(f"--pruner {self.pruner!r}: choose one of {', '.join(PRUNERS)}")
+        if self.input_size < 32:
+            raise ConfigError(f"--input-size must be at least 32 (VGG16 halves it five "
+                              f"times), got {self.input_size}")
         if self.study_name is not None and not self.study_name.strip():
             raise ConfigError("--study-name must not be empty")
 

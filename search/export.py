@@ -119,7 +119,8 @@ def load_model(path: str | Path, map_location: str = "cpu") -> LoadedModel:
     try:
         params = spec.suggest(optuna.trial.FixedTrial(info["params"]))
         built = spec.build(params, tuple(info["input"]["shape"]), len(info["classes"]),
-                           info["input"]["mean"], info["input"]["std"])
+                           info["input"]["mean"], info["input"]["std"],
+                           **info.get("options", {}))
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelFileError(f"{meta}: params do not describe a {spec.name} model "
                              f"({type(exc).__name__}: {exc})") from None

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from search.cache import ArrayStore, key_name
 from search.models.vgg16 import FrozenVGG16, VGGWeights
-from search.train import Speed
+from search.train import DeviceSplit, Speed
 
 log = logging.getLogger(__name__)
 
@@ -44,28 +44,35 @@ class FeatureCache:
     _memory: dict = field(default_factory=dict, repr=False)
 
     def get(self, split: str, head: str, input_size: int) -> torch.Tensor:
-        """float16 features [N, F] of `split` for a head of kind `head` at `input_size` px."""
+        """float16 features [N, F] of `split` for a head of kind `head` at `input_size` px.
+        A miss runs the backbone once for every cut (conv output, then on through the
+        frozen classifier) and stores them all."""
         slot = (split, head, input_size)
         if slot in self._memory:
             return self._memory[slot]
         images = self.splits[split]
-        key = {"model": "vgg16", "cut": CUTS[head], "input_size": int(input_size),
-               "weights_sha256": self.weights.sha256, "dataset": self.dataset,
-               "split": split, "n": int(images.shape[0]),
-               "pixels_sha256": hashlib.sha256(images.contiguous().numpy().tobytes())
-               .hexdigest(),
-               "torch": torch.__version__, "torchvision": _torchvision_version()}
-        name = key_name(key)
+        pixels = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
+        names = {cut: key_name({
+            "model": "vgg16", "cut": CUTS[cut], "input_size": int(input_size),
+            "weights_sha256": self.weights.sha256, "dataset": self.dataset, "split": split,
+            "n": int(images.shape[0]), "pixels_sha256": pixels, "torch": torch.__version__,
+            "torchvision": _torchvision_version()}) for cut in CUTS}
         started = time.perf_counter()
 
         def make() -> np.ndarray:
-            self.computed.append(slot)
-            return self._compute(images, head, input_size, split)
+            self.computed.append((split, input_size))
+            arrays = self._compute(images, input_size, split)
+            if self.directory is not None:
+                for cut, array in arrays.items():
+                    if cut != head:  # the requested one is stored by get_or_make
+                        ArrayStore(self.directory).put(names[cut], array)
+            return arrays[head]
 
         if self.directory is None:
             array, made = make(), True
         else:
-            array, made = ArrayStore(self.directory).get_or_make(name, make, dtype=np.float16)
+            array, made = ArrayStore(self.directory).get_or_make(names[head], make,
+                                                                 dtype=np.float16)
         log.info("%s features of the %s split (%d x %d): %s in %.1f s", CUTS[head], split,
                  *array.shape, "computed" if made else "cache hit", time.perf_counter() - started)
         tensor = torch.from_numpy(array)
@@ -73,27 +80,37 @@ class FeatureCache:
         return tensor
 
     @torch.inference_mode()
-    def _compute(self, images: torch.Tensor, head: str, input_size: int,
-                 split: str) -> np.ndarray:
-        model = FrozenVGG16(1, head=head, input_size=input_size, state=self.weights.state)
+    def _compute(self, images: torch.Tensor, input_size: int, split: str) -> dict:
+        """Every cut's features of `images`, from one pass through the backbone."""
+        model = FrozenVGG16(1, head="exercise", input_size=input_size,
+                            state=self.weights.state)
         model = model.to(self.device).eval()
+        conv, rest = model.frozen[0], model.frozen[1:]  # vgg.features | avgpool ... [:6]
         speed = Speed.of(model, self.device)
         if speed.channels_last:
             model.to(memory_format=torch.channels_last)
         layout = torch.channels_last if speed.channels_last else torch.contiguous_format
-        parts = []
+        parts: dict = {cut: [] for cut in CUTS}
         batches = range(0, len(images), BATCH)
         for start in tqdm(batches, desc=f"vgg16 features ({split})", unit="batch",
                           file=sys.stderr, disable=None, leave=False):
             x = images[start:start + BATCH].to(self.device).float().div_(255.0)
             with torch.autocast(self.device.type, dtype=speed.autocast or torch.float32,
                                 enabled=speed.autocast is not None):
-                out = model.features(x.contiguous(memory_format=layout))
-            parts.append(out.float().cpu().numpy().astype(np.float16))
-        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float16)
+                maps = conv(model.input(x).contiguous(memory_format=layout))
+                pooled = rest(maps)
+            for cut, out in (("small", maps.flatten(1)), ("exercise", pooled)):
+                parts[cut].append(out.float().cpu().numpy().astype(np.float16))
+        return {cut: np.concatenate(chunks) for cut, chunks in parts.items()}
 
 
 def _torchvision_version() -> str:
     import torchvision
 
     return torchvision.__version__
+
+
+def feature_split(cache: FeatureCache, split: str, head: str, input_size: int,
+                  labels: torch.Tensor, device: torch.device) -> DeviceSplit:
+    """A split of cached features with its labels, on the training device."""
+    return DeviceSplit(cache.get(split, head, input_size).to(device), labels.to(device))

@@ -30,7 +30,9 @@ from search.cli import Parser, setup_logging
 from search.config import RunConfig, trial_seed, versions
 from search.data import Dataset
 from search.errors import ConfigError
-from search.models import Normalize
+from search.features import FeatureCache
+from search.models import Normalize, count_parameters
+from search.models.vgg16 import ImageNetInput, VGGWeights, resolve_weights
 from search.registry import StudySpec
 from search.retrain import ConfigResult, retrain
 from search.train import predict_scores, resolve_device
@@ -62,6 +64,8 @@ class Outcome:
     other_studies: list[dict] = field(default_factory=list)  # same data, in this storage
     augmentation: dict = field(default_factory=dict)  # report_sections.gather_augmentation
     augment_caption: str = ""
+    weights: VGGWeights | None = None  # a frozen backbone's (vgg16)
+    options: dict = field(default_factory=dict)  # builder options saved in model.json
 
 
 def _load_matching_data(study: optuna.Study, cfg: RunConfig,
@@ -122,13 +126,18 @@ def run_final(study: optuna.Study, cfg: RunConfig,
     log.info("final: retraining trial %d's params and %d reference configs with seeds %s, "
              "%d epochs each", best_trial.number, len(spec.references), seeds, epochs)
 
-    augment = augment_module.AugmentCache.for_dataset(
-        dataset, storage.cache_dir(cfg.storage, cfg.cache_dir) / "augment")
+    cache = storage.cache_dir(cfg.storage, cfg.cache_dir)
+    augment = augment_module.AugmentCache.for_dataset(dataset, cache / "augment")
     batch_size = int(best_trial.user_attrs.get("batch_size", cfg.batch_size))
+    weights = _study_weights(study, cfg) if spec.feature_head else None
+    features = None if weights is None else FeatureCache(
+        {"train": dataset.train.x, "val": dataset.val.x, "test": dataset.test.x},
+        dataset.name, weights, cache / "features", device)
 
     def train(config_params, label):
         return retrain(spec, config_params, label, dataset, seeds=seeds, epochs=epochs,
-                       batch_size=batch_size, device=device, augment=augment)
+                       batch_size=batch_size, device=device, augment=augment,
+                       features=features, input_size=cfg.input_size)
 
     results = {"best found": train(params, "best found")}
     for name, reference in spec.references.items():
@@ -141,7 +150,8 @@ def run_final(study: optuna.Study, cfg: RunConfig,
         raise ConfigError(f"every final retrain seed of trial {best_trial.number} diverged: "
                           f"{'; '.join(best_result.failures)}")
     directory = Path(cfg.runs_dir) / study.study_name
-    outcome = Outcome(study, spec, dataset, directory, best_trial, results)
+    outcome = Outcome(study, spec, dataset, directory, best_trial, results, weights=weights,
+                      options={"input_size": cfg.input_size} if weights else {})
     _save_and_reload(outcome, params, epochs, batch_size)
     outcome.other_studies = report_sections.gather_other_studies(study, opened or study._storage)
     if spec.augments:
@@ -158,18 +168,33 @@ def run_final(study: optuna.Study, cfg: RunConfig,
     return outcome
 
 
+def _study_weights(study: optuna.Study, cfg: RunConfig) -> VGGWeights:
+    """The backbone weights the study's trials used; ConfigError when they are gone or
+    changed (features of other weights would not fit the trained heads)."""
+    weights = resolve_weights(cfg.weights, cfg.seed)
+    made = study.user_attrs.get("backbone", {}).get("weights", {})
+    if made and made.get("sha256") != weights.sha256:
+        raise ConfigError(f"study {study.study_name!r} was searched with weights "
+                          f"{made.get('source')} (sha256 {str(made.get('sha256'))[:12]}...); "
+                          f"{weights.source} differs ({weights.sha256[:12]}...)")
+    return weights
+
+
 def _applied_normalization(model: torch.nn.Module) -> dict:
-    """The mean and std the model's own Normalize layer applies (from its buffers)."""
-    layer = next(m for m in model.modules() if isinstance(m, Normalize))
+    """The mean and std the model's own input layer applies (Normalize, or VGG16's
+    ImageNetInput), read from its buffers."""
+    layer = next(m for m in model.modules() if isinstance(m, Normalize | ImageNetInput))
     return {"mean": layer.mean.flatten().tolist(), "std": layer.std.flatten().tolist()}
 
 
 def _save_and_reload(outcome: Outcome, params, epochs: int, batch_size: int) -> None:
     spec, dataset, run = outcome.spec, outcome.dataset, outcome.results["best found"].best_run()
+    backbone = {} if outcome.weights is None else {"weights_state": outcome.weights.state}
     built = spec.build(params, dataset.image_shape, len(dataset.classes),
-                       dataset.channel_mean, dataset.channel_std)
+                       dataset.channel_mean, dataset.channel_std, **outcome.options, **backbone)
     model = built.model
-    model.load_state_dict(run.state)
+    # a frozen-backbone study trained only the head: the rest is the weights' own
+    (model.head if outcome.weights is not None else model).load_state_dict(run.state)
     model.eval()
     info = {
         "study": spec.name, "study_name": outcome.study.study_name,
@@ -184,6 +209,9 @@ def _save_and_reload(outcome: Outcome, params, epochs: int, batch_size: int) -> 
                      "seeds": [r.seed for r in outcome.results["best found"].runs],
                      "batch_size": batch_size},
         "n_parameters": outcome.results["best found"].n_parameters,
+        "n_parameters_total": count_parameters(model, trainable_only=False),
+        "options": outcome.options,
+        **({"weights": outcome.weights.describe()} if outcome.weights else {}),
         "versions": versions(),
     }
     weights, meta = export.save_model(model, outcome.directory, info)
@@ -274,7 +302,10 @@ def _attach(outcome: Outcome, opened, cfg: RunConfig) -> None:
     outcome.study.set_user_attr("final", {
         "trial": outcome.best_trial.number, "directory": str(outcome.directory),
         "test_accuracy": outcome.test["accuracy"], "macro_f1": outcome.test["macro_f1"],
-        "n_parameters": outcome.results["best found"].n_parameters, "artifacts": uploaded})
+        "n_parameters": outcome.results["best found"].n_parameters,
+        "n_parameters_total": outcome.model_info["n_parameters_total"],
+        **({"weights": outcome.weights.describe()} if outcome.weights else {}),
+        "artifacts": uploaded})
     rows = [f"| {label} | {r.summary()['test_accuracy']['mean']:.4f} | "
             f"{r.summary()['n_parameters']:,} |" for label, r in outcome.results.items()
             if r.runs]

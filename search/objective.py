@@ -17,7 +17,9 @@ from search.augment import AugmentCache
 from search.config import RunConfig, trial_seed
 from search.data import Dataset
 from search.errors import TrialDiverged
+from search.features import FeatureCache, feature_split
 from search.models import count_parameters
+from search.models.vgg16 import HEADS, VGGWeights, resolve_weights
 from search.registry import StudySpec
 from search.train import DeviceSplit, EpochResult, Speed, train_built
 
@@ -41,7 +43,7 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 class Objective:
     def __init__(self, spec: StudySpec, dataset: Dataset, cfg: RunConfig,
-                 device: torch.device) -> None:
+                 device: torch.device, weights: VGGWeights | None = None) -> None:
         self.spec = spec
         self.cfg = cfg
         self.device = device
@@ -51,16 +53,38 @@ class Objective:
         self.train = DeviceSplit.of(dataset.train, device)
         self.val = DeviceSplit.of(dataset.val, device)
         # augmented copies of the training split, shared by every trial (search.augment)
-        self.augment = AugmentCache.for_dataset(
-            dataset, storage.cache_dir(cfg.storage, cfg.cache_dir) / "augment")
+        cache = storage.cache_dir(cfg.storage, cfg.cache_dir)
+        self.augment = AugmentCache.for_dataset(dataset, cache / "augment")
+        # a frozen backbone's outputs, computed once (search.features); never the test split
+        self.features = None
+        if spec.feature_head is not None:
+            self.features = FeatureCache(
+                {"train": dataset.train.x, "val": dataset.val.x}, dataset.name,
+                weights or resolve_weights(cfg.weights, cfg.seed), cache / "features", device)
+            for split in ("train", "val"):  # before any trial: trials never run the backbone
+                for head in HEADS:
+                    self.features.get(split, head, cfg.input_size)
+
+    def _inputs(self, params):
+        """(train, val, build) for a trial: images, or the cached features of its head."""
+        if self.features is None:
+            return self.train, self.val, lambda: self.spec.build(
+                params, self.image_shape, self.n_classes, self.mean, self.std)
+        head = self.spec.feature_head(params)
+        train, val = (feature_split(self.features, name, head, self.cfg.input_size, split.y,
+                                    self.device)
+                      for name, split in (("train", self.train), ("val", self.val)))
+        return train, val, lambda: self.spec.build_head(params, train.x.shape[1],
+                                                        self.n_classes)
 
     def __call__(self, trial: optuna.Trial) -> float:
         params = self.spec.suggest(trial)
         seed = trial_seed(self.cfg.seed, trial.number)
         torch.manual_seed(seed)  # weight init and dropout masks
+        computed = len(self.features.computed) if self.features is not None else 0
+        train, val, build = self._inputs(params)
         try:
-            built = self.spec.build(params, self.image_shape, self.n_classes, self.mean,
-                                    self.std)
+            built = build()
         except ValueError as exc:  # params the builder refuses for this input shape
             trial.set_user_attr("failure", f"does not fit the input: {exc}")
             raise optuna.TrialPruned(str(exc)) from None
@@ -75,6 +99,8 @@ class Objective:
         trial.set_user_attr("device", str(self.device))
         trial.set_user_attr("speed", Speed.of(model, self.device).describe())
         trial.set_user_attr("n_parameters", count_parameters(model))
+        if self.features is not None:  # did this trial have to run the backbone?
+            trial.set_user_attr("backbone_runs", len(self.features.computed) - computed)
         best = {"accuracy": 0.0, "epoch": 0}
         seconds: list[float] = []
 
@@ -90,7 +116,7 @@ class Objective:
                 )
 
         try:
-            train_built(built, self.train, self.val, epochs=self.cfg.epochs,
+            train_built(built, train, val, epochs=self.cfg.epochs,
                         batch_size=self.cfg.batch_size, seed=seed, on_epoch=on_epoch,
                         epoch_images=epoch_images)
         except TrialDiverged as exc:

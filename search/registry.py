@@ -18,9 +18,11 @@ from torch import nn
 from search.augment import AugmentSpec
 from search.errors import ConfigError
 from search.models import CNN, MLP, PAIRS
+from search.models.vgg16 import FrozenVGG16, make_head
 from search.train import make_optimizer, make_scheduler
 from spaces import cnn as cnn_space
 from spaces import mlp as mlp_space
+from spaces import vgg16 as vgg16_space
 
 # PyTorch's MNIST example normalizes with these, whatever the data (the lecture CNN does)
 LECTURE_MEAN, LECTURE_STD = 0.1307, 0.3081
@@ -54,6 +56,10 @@ class StudySpec:
     default_epochs: int
     references: Mapping[str, Any] = field(default_factory=dict)
     augments: bool = False  # params carry an AugmentSpec (`params.augment`)
+    # studies on a frozen backbone (vgg16): params -> the head kind, whose cached backbone
+    # features trials train on; build_head(params, n_features, n_classes) -> Built (the head)
+    feature_head: Callable[[Any], str] | None = None
+    build_head: Callable[..., Built] | None = None
 
 
 def _scalar(value) -> float:
@@ -65,7 +71,8 @@ def _scalar(value) -> float:
     return float(value[0])
 
 
-def build_mlp(params: mlp_space.MLPParams, image_shape, n_classes: int, mean, std) -> Built:
+def build_mlp(params: mlp_space.MLPParams, image_shape, n_classes: int, mean, std,
+              **_context) -> Built:
     pair = PAIRS[params.pair]
     channels, height, width = image_shape
     model = MLP(
@@ -78,7 +85,8 @@ def build_mlp(params: mlp_space.MLPParams, image_shape, n_classes: int, mean, st
                  lambda m: make_optimizer(params.optimizer, m, params.lr))
 
 
-def build_cnn(params: cnn_space.CNNParams, image_shape, n_classes: int, mean, std) -> Built:
+def build_cnn(params: cnn_space.CNNParams, image_shape, n_classes: int, mean, std,
+              **_context) -> Built:
     pair = PAIRS[params.pair]
     channels = int(image_shape[0])
     if params.normalization == "lecture":
@@ -101,15 +109,35 @@ def build_cnn(params: cnn_space.CNNParams, image_shape, n_classes: int, mean, st
     )
 
 
+def _vgg16_training(params: vgg16_space.VGGParams, model: nn.Module) -> Built:
+    return Built(model, nn.CrossEntropyLoss(label_smoothing=params.label_smoothing),
+                 lambda m: make_optimizer(params.optimizer, m, params.lr, params.weight_decay))
+
+
+def build_vgg16(params: vgg16_space.VGGParams, image_shape, n_classes: int, mean, std, *,
+                weights_state: dict | None = None, input_size: int = 32, **_context) -> Built:
+    """The whole network (saved, reloaded, exported). `mean`/`std` are not used: VGG16
+    normalizes with ImageNet's statistics (search.models.vgg16)."""
+    return _vgg16_training(params, FrozenVGG16(
+        n_classes, head=params.head, input_size=input_size, hidden=params.hidden,
+        dropout=params.dropout, state=weights_state))
+
+
+def build_vgg16_head(params: vgg16_space.VGGParams, n_features: int, n_classes: int) -> Built:
+    """The head alone, trained on cached features by trials and the final retrain."""
+    return _vgg16_training(params, make_head(params.head, n_features, n_classes,
+                                             params.hidden, params.dropout))
+
+
 def _study(space, name: str, description: str, build: Callable[..., Built],
-           default_epochs: int, augments: bool = False) -> StudySpec:
+           default_epochs: int, **extra) -> StudySpec:
     """A registry row from a spaces/ module (VERSION, suggest, to_trial_params, describe,
     REFERENCES) and the builder of its models."""
     return StudySpec(
         name=name, description=description, space_version=space.VERSION,
         suggest=space.suggest, to_trial_params=space.to_trial_params, build=build,
         describe=space.describe, default_data="auto", default_epochs=default_epochs,
-        references=MappingProxyType(dict(space.REFERENCES)), augments=augments,
+        references=MappingProxyType(dict(space.REFERENCES)), **extra,
     )
 
 
@@ -121,6 +149,11 @@ STUDIES: Mapping[str, StudySpec] = MappingProxyType({
     "cnn": _study(cnn_space, "cnn", "CNN: conv channels array, kernel, batch norm, pooling, "
                   "dropout, head, activation/loss pair, optimizer, lr schedule, "
                   "albumentations strength", build_cnn, default_epochs=8, augments=True),
+    # a head on cached features trains in well under a second per epoch
+    "vgg16": _study(vgg16_space, "vgg16", "frozen torchvision VGG16 (--weights): the "
+                    "exercise's replaced classifier[6] or a small new head, optimizer, lr, "
+                    "weight decay, label smoothing", build_vgg16, default_epochs=10,
+                    feature_head=lambda params: params.head, build_head=build_vgg16_head),
 })
 
 

@@ -18,6 +18,7 @@ from search import metrics as metrics_module
 from search.augment import AugmentCache
 from search.data import Dataset
 from search.errors import TrialDiverged
+from search.features import FeatureCache, feature_split
 from search.models import count_parameters
 from search.registry import StudySpec
 from search.train import DeviceSplit, EpochResult, predict_scores, train_built
@@ -69,17 +70,33 @@ class ConfigResult:
 
 
 def retrain(spec: StudySpec, params, label: str, dataset: Dataset, *, seeds: list[int],
-            epochs: int, batch_size: int, device: torch.device,
-            augment: AugmentCache) -> ConfigResult:
+            epochs: int, batch_size: int, device: torch.device, augment: AugmentCache,
+            features: FeatureCache | None = None, input_size: int = 32) -> ConfigResult:
     """Train `params` once per seed, augmented copies from `augment` where the params ask
-    for them. A seed whose loss diverges is recorded and skipped."""
-    train = DeviceSplit.of(dataset.train, device)
-    val = DeviceSplit.of(dataset.val, device)
+    for them; a frozen-backbone study (spec.feature_head) trains its head on `features`, and
+    a SeedRun's state is then the head's. A seed whose loss diverges is recorded and
+    skipped."""
+    n_classes = len(dataset.classes)
+    if features is None:
+        train = DeviceSplit.of(dataset.train, device)
+        val = DeviceSplit.of(dataset.val, device)
+        test_x = dataset.test.x
+
+        def build():
+            return spec.build(params, dataset.image_shape, n_classes, dataset.channel_mean,
+                              dataset.channel_std)
+    else:
+        head = spec.feature_head(params)
+        train, val = (feature_split(features, name, head, input_size, split.y, device)
+                      for name, split in (("train", dataset.train), ("val", dataset.val)))
+        test_x = features.get("test", head, input_size)
+
+        def build():
+            return spec.build_head(params, train.x.shape[1], n_classes)
     result: ConfigResult | None = None
     for seed in seeds:
         torch.manual_seed(seed)
-        built = spec.build(params, dataset.image_shape, len(dataset.classes),
-                           dataset.channel_mean, dataset.channel_std)
+        built = build()
         model = built.model.to(device)
         if result is None:
             result = ConfigResult(label, params, count_parameters(model))
@@ -101,7 +118,7 @@ def retrain(spec: StudySpec, params, label: str, dataset: Dataset, *, seeds: lis
             continue
         model = model.cpu()
         model.load_state_dict(best["state"])
-        predicted = predict_scores(model, dataset.test.x).argmax(1).numpy()
+        predicted = predict_scores(model, test_x).argmax(1).numpy()
         test = metrics_module.compute(dataset.test.y.numpy(), predicted, dataset.classes)
         result.runs.append(SeedRun(seed, history, best["epoch"], best["accuracy"],
                                    best["state"], test))

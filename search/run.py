@@ -25,6 +25,7 @@ from search.cli import Parser, setup_logging
 from search.config import PRUNERS, SAMPLERS, RunConfig
 from search.data import Dataset
 from search.errors import ConfigError
+from search.models.vgg16 import resolve_weights
 from search.objective import TRIAL_FAILURES, Objective
 from search.study import best_value, last_value, open_study
 from search.workers import plan_devices, run_workers
@@ -67,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="final model and report go to RUNS_DIR/<study-name>/")
     parser.add_argument("--artifact-dir", help="Optuna artifact store (default: beside the "
                         "SQLite file, e.g. studies-artifacts/, else ./artifacts)")
+    parser.add_argument("--weights", default="imagenet", help="vgg16: imagenet (torchvision's "
+                        "IMAGENET1K_V1, from $TORCH_HOME or downloaded), none (random, seeded) "
+                        "or the path of a VGG16 state_dict (default imagenet)")
+    parser.add_argument("--input-size", type=int, default=32,
+                        help="vgg16: images are resized to this size (default 32)")
     parser.add_argument("--cache-dir", help="cache of work many trials share, e.g. augmented "
                         "images (default: beside the SQLite file, e.g. studies-cache/, "
                         "else ./cache)")
@@ -86,7 +92,7 @@ def config_from_args(argv: list[str] | None = None) -> RunConfig:
         workers=args.workers,
         sampler=args.sampler, pruner=args.pruner, final=args.final,
         final_seeds=args.final_seeds, runs_dir=args.runs_dir, artifact_dir=args.artifact_dir,
-        cache_dir=args.cache_dir,
+        cache_dir=args.cache_dir, weights=args.weights, input_size=args.input_size,
     )
 
 
@@ -122,10 +128,12 @@ def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, D
     """Open the storage, load the data once, run the trials. Raises ConfigError."""
     spec = registry.get(cfg.study)
     devices = plan_devices(cfg)  # checks --device before anything is opened or loaded
+    # a frozen backbone's weights, found (or refused in one line) before anything is written
+    weights = resolve_weights(cfg.weights, cfg.seed) if spec.feature_head else None
     opened = storage.open(cfg.storage)  # fail on a bad URL before loading any data
     dataset = data_module.load(cfg.data, cfg.data_dir)
     name = cfg.study_name or f"{spec.name}-{dataset.name}"
-    study = open_study(cfg, spec, dataset, opened, name)
+    study = open_study(cfg, spec, dataset, opened, name, weights)
     done = len(study.trials)
     log.info("study %r: %d trials so far; data %s (%d train / %d val, test held out) "
              "from %s; device %s", name, done, dataset.name, len(dataset.train),
@@ -136,7 +144,7 @@ def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, D
         if len(devices) > 1:
             run_workers(study, cfg, devices, reporter)
         else:
-            objective = Objective(spec, dataset, cfg, torch.device(devices[0]))
+            objective = Objective(spec, dataset, cfg, torch.device(devices[0]), weights)
             study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout,
                            callbacks=[reporter], catch=TRIAL_FAILURES)
     finally:

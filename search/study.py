@@ -67,9 +67,11 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
 
 
 def open_study(cfg: RunConfig, spec: StudySpec, dataset: Dataset,
-               storage: optuna.storages.BaseStorage, study_name: str) -> optuna.Study:
+               storage: optuna.storages.BaseStorage, study_name: str,
+               weights=None) -> optuna.Study:
     """Create the study or resume it. Raises ConfigError when an existing study of that name
-    was made for other data, another study or another version of the space."""
+    was made for other data, another study, another version of the space or (vgg16) other
+    backbone weights or input size."""
     study = optuna.create_study(
         storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
         sampler=make_sampler(cfg.sampler, cfg.seed), pruner=make_pruner(cfg.pruner, cfg.epochs),
@@ -79,9 +81,17 @@ def open_study(cfg: RunConfig, spec: StudySpec, dataset: Dataset,
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise ConfigError(f"study {study_name!r} exists and minimizes; pick another --study-name")
     attrs = study.user_attrs
+    backbone = _backbone(cfg, weights)
     if "space_version" not in attrs:
-        _initialize(study, cfg, spec, dataset)
+        _initialize(study, cfg, spec, dataset, backbone)
         return study
+    if backbone and attrs.get("backbone", {}) != backbone:
+        made = attrs.get("backbone", {})
+        raise ConfigError(
+            f"study {study_name!r} was made with {made.get('weights', {}).get('kind')} weights "
+            f"(sha256 {str(made.get('weights', {}).get('sha256'))[:12]}...) at input size "
+            f"{made.get('input_size')}; this run has {weights.kind} "
+            f"({weights.sha256[:12]}...) at {cfg.input_size}; pass a new --study-name")
     expected = {"study": spec.name, "space_version": spec.space_version}
     for key, value in expected.items():
         if attrs.get(key) != value:
@@ -100,8 +110,18 @@ def open_study(cfg: RunConfig, spec: StudySpec, dataset: Dataset,
     return study
 
 
-def _initialize(study: optuna.Study, cfg: RunConfig, spec: StudySpec, dataset: Dataset) -> None:
+def _backbone(cfg: RunConfig, weights) -> dict:
+    """What a frozen-backbone study's features depend on besides the data ({} otherwise)."""
+    if weights is None:
+        return {}
+    return {"weights": weights.describe(), "input_size": cfg.input_size}
+
+
+def _initialize(study: optuna.Study, cfg: RunConfig, spec: StudySpec, dataset: Dataset,
+                backbone: dict) -> None:
     study.set_user_attr("study", spec.name)
+    if backbone:
+        study.set_user_attr("backbone", backbone)
     study.set_user_attr("data", dataset.describe())
     study.set_user_attr("data_notes", list(dataset.notes))
     study.set_user_attr("config", cfg.to_dict())

@@ -29,17 +29,23 @@ EXPLODED_LOSS = 1e4
 EVAL_BATCH = 4096  # images per forward pass when scoring; no gradients are kept
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
-    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=1e-2),
-    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True),
+    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd or 0.0),
+    "adamw": lambda params, lr, wd: torch.optim.AdamW(
+        params, lr=lr, weight_decay=1e-2 if wd is None else wd),
+    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True,
+                                                  weight_decay=wd or 0.0),
 }
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """Raises ValueError on an optimizer name this service does not know."""
+def make_optimizer(name: str, model: nn.Module, lr: float,
+                   weight_decay: float | None = None) -> torch.optim.Optimizer:
+    """An optimizer over the trainable parameters only (a frozen backbone's are left out);
+    weight_decay None is each optimizer's default (AdamW 1e-2, else 0). Raises ValueError on
+    an optimizer name this service does not know."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; known: {sorted(OPTIMIZERS)}")
-    return OPTIMIZERS[name]([p for p in model.parameters() if p.requires_grad], lr)
+    return OPTIMIZERS[name]([p for p in model.parameters() if p.requires_grad], lr,
+                            weight_decay)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy
 
 from search import data as data_module
+from search.models import vgg16 as vgg16_module
 
 POSTGRES_URL = os.environ.get(
     "SEARCH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -66,6 +67,8 @@ def digits():
 def _no_downloads(monkeypatch, tmp_path):
     """Tests never reach the network; a test that wants a download patches _download."""
     monkeypatch.setattr(data_module, "_download", lambda name, directory: "offline (tests)")
+    monkeypatch.setattr(vgg16_module, "_download", lambda url, path: "offline (tests)")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-torch-home"))  # no cached weights
     monkeypatch.delenv("SEARCH_DATA_DIR", raising=False)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "no-keras"))
     monkeypatch.chdir(tmp_path)

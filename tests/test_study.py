@@ -123,7 +123,8 @@ class _Forbidden:
 @pytest.mark.parametrize("name", sorted(STUDIES))
 def test_trials_never_read_the_test_split(tmp_path, digits, name):
     blind = dataclasses.replace(digits, test=_Forbidden())
-    cfg = _cfg(f"sqlite:///{tmp_path / 's.db'}", "blind", epochs=2, study=name)
+    cfg = _cfg(f"sqlite:///{tmp_path / 's.db'}", "blind", epochs=2, study=name,
+               weights="none")
     # the study records the test split's size; the trials must not touch it at all
     study = open_study(cfg, STUDIES[name], digits, storage.open(cfg.storage), "blind")
     study.optimize(Objective(STUDIES[name], blind, cfg, torch.device("cpu")), n_trials=3)

@@ -173,6 +173,23 @@ class ImageNetInput(nn.Module):
         return (x - self.mean) / self.std
 
 
+def feature_width(head: str, input_size: int) -> int:
+    """Width of what the frozen part hands the head: the classifier's 4096, or the conv
+    output (512 channels on a map of input_size / 32, five 2x2 max pools)."""
+    return 4096 if head == "exercise" else 512 * (input_size // 32) ** 2
+
+
+def make_head(head: str, in_features: int, n_classes: int, hidden: int = 256,
+              dropout: float = 0.0) -> nn.Module:
+    """The trained part: a Linear for the exercise head, Linear-ReLU-Dropout-Linear for the
+    small one. Trials build it alone and train it on cached features; its state_dict loads
+    into FrozenVGG16.head."""
+    if head == "exercise":
+        return nn.Linear(in_features, n_classes)
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout),
+                         nn.Linear(hidden, n_classes))
+
+
 class FrozenVGG16(nn.Module):
     """VGG16 with every backbone parameter frozen; only `head` trains (see the module doc).
 
@@ -195,12 +212,10 @@ class FrozenVGG16(nn.Module):
             # the network unchanged but for its last Linear
             self.frozen = nn.Sequential(vgg.features, vgg.avgpool, nn.Flatten(),
                                         *vgg.classifier[:6])
-            self.head = nn.Linear(vgg.classifier[6].in_features, n_classes)
         else:
-            side = input_size // 32  # five 2x2 max pools
             self.frozen = nn.Sequential(vgg.features, nn.Flatten())
-            self.head = nn.Sequential(nn.Linear(512 * side * side, hidden), nn.ReLU(),
-                                      nn.Dropout(dropout), nn.Linear(hidden, n_classes))
+        self.head = make_head(head, feature_width(head, input_size), n_classes, hidden,
+                              dropout)
         for parameter in self.frozen.parameters():
             parameter.requires_grad_(False)
         self.frozen.eval()
