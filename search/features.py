@@ -114,3 +114,14 @@ def feature_split(cache: FeatureCache, split: str, head: str, input_size: int,
                   labels: torch.Tensor, device: torch.device) -> DeviceSplit:
     """A split of cached features with its labels, on the training device."""
     return DeviceSplit(cache.get(split, head, input_size).to(device), labels.to(device))
+
+
+@torch.inference_mode()
+def backbone_ms_per_image(weights: VGGWeights, input_size: int, images: torch.Tensor,
+                          device: torch.device, n: int = 256) -> float:
+    """Milliseconds per image of one pass through the frozen part, on `n` of `images`
+    (what the cache saves every trial, every epoch)."""
+    cache = FeatureCache({"timing": images[:n]}, "timing", weights, None, device)
+    started = time.perf_counter()
+    cache._compute(images[:n], input_size, "timing")
+    return 1000 * (time.perf_counter() - started) / max(1, min(n, len(images)))

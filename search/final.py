@@ -30,7 +30,7 @@ from search.cli import Parser, setup_logging
 from search.config import RunConfig, trial_seed, versions
 from search.data import Dataset
 from search.errors import ConfigError
-from search.features import FeatureCache
+from search.features import FeatureCache, backbone_ms_per_image
 from search.models import Normalize, count_parameters
 from search.models.vgg16 import ImageNetInput, VGGWeights, resolve_weights
 from search.registry import StudySpec
@@ -66,6 +66,7 @@ class Outcome:
     augment_caption: str = ""
     weights: VGGWeights | None = None  # a frozen backbone's (vgg16)
     options: dict = field(default_factory=dict)  # builder options saved in model.json
+    backbone_ms: float | None = None  # per image, of the frozen part (vgg16)
 
 
 def _load_matching_data(study: optuna.Study, cfg: RunConfig,
@@ -153,6 +154,9 @@ def run_final(study: optuna.Study, cfg: RunConfig,
     outcome = Outcome(study, spec, dataset, directory, best_trial, results, weights=weights,
                       options={"input_size": cfg.input_size} if weights else {})
     _save_and_reload(outcome, params, epochs, batch_size)
+    if weights is not None:
+        outcome.backbone_ms = backbone_ms_per_image(weights, cfg.input_size,
+                                                         dataset.test.x, device)
     outcome.other_studies = report_sections.gather_other_studies(study, opened or study._storage)
     if spec.augments:
         outcome.augmentation = report_sections.gather_augmentation(study)
@@ -309,7 +313,10 @@ def _attach(outcome: Outcome, opened, cfg: RunConfig) -> None:
     rows = [f"| {label} | {r.summary()['test_accuracy']['mean']:.4f} | "
             f"{r.summary()['n_parameters']:,} |" for label, r in outcome.results.items()
             if r.runs]
+    banner = ([report_sections.RANDOM_WEIGHTS, ""]
+              if outcome.weights is not None and outcome.weights.kind == "none" else [])
     note = "\n".join([
+        *banner,
         f"## Final model: trial {outcome.best_trial.number}, retrained",
         "",
         f"**{metrics_module.accuracy_line(outcome.test)}**, from the model reloaded from "

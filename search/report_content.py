@@ -102,6 +102,8 @@ def build(outcome) -> list[Block]:
     best_trial, test = outcome.best_trial, outcome.test
     best_summary = results["best found"].summary()
     blocks: list[Block] = [Heading(f"Study {study.study_name}", 1)]
+    if outcome.weights is not None and outcome.weights.kind == "none":
+        blocks.append(Text(report_sections.RANDOM_WEIGHTS))
     compare = ", ".join(
         f"{label} {results[label].summary()['test_accuracy']['mean']:.4f}"
         for label in results if label != "best found" and results[label].runs)
@@ -115,15 +117,20 @@ def build(outcome) -> list[Block]:
         ["splits", f"{len(ds.train)} train / {len(ds.val)} validation (fixed, seeded, "
                    f"stratified) / {len(ds.test)} test (final evaluation only)"],
         ["input", f"{'x'.join(map(str, ds.image_shape))} images, pixels / 255, then "
-                  f"normalized inside the model with the training split's own statistics: "
-                  f"mean {_channels(ds.channel_mean)}, std {_channels(ds.channel_std)} "
-                  "(validation and test images never enter them)"],
+                  + (f"repeated to 3 channels, resized to {outcome.options['input_size']} px "
+                     "and normalized with ImageNet's mean and std inside the model (below)"
+                     if outcome.weights is not None else
+                     f"normalized inside the model with the training split's own statistics: "
+                     f"mean {_channels(ds.channel_mean)}, std {_channels(ds.channel_std)} "
+                     "(validation and test images never enter them)")],
         ["classes", ", ".join(ds.classes)],
     ])]
     blocks += [Text(f"Note: {note}") for note in ds.notes]
 
     applied = outcome.model_info["input"].get("applied")
-    if applied and [round(v, 6) for v in applied["mean"]] != [
+    if outcome.weights is not None:
+        blocks += report_sections.backbone_input_blocks(outcome)
+    elif applied and [round(v, 6) for v in applied["mean"]] != [
             round(v, 6) for v in ds.channel_mean]:
         blocks.append(Text(
             f"The best found normalizes with fixed constants instead (mean "
@@ -170,6 +177,8 @@ def build(outcome) -> list[Block]:
 
     blocks += _comparison(outcome)
     blocks += report_sections.other_studies_blocks(outcome)
+    if outcome.weights is not None:
+        blocks += report_sections.transfer_blocks(outcome)
     if outcome.spec.augments:
         blocks += report_sections.augmentation_blocks(outcome, augment.COPIES)
     blocks += _final_model(outcome)

@@ -102,3 +102,78 @@ def augmentation_blocks(outcome, copies: int) -> list[Block]:
     if "augment" in outcome.figures:
         blocks.append(Image(outcome.figures["augment"], outcome.augment_caption))
     return blocks
+
+
+# --- frozen-backbone studies (vgg16) ------------------------------------------------------
+
+RANDOM_WEIGHTS = (
+    "**Random backbone weights (`--weights none`)**: the frozen VGG16 was randomly "
+    "initialized, not trained on ImageNet. Its features are random projections of the "
+    "images; nothing here says how pretrained VGG16 features would do.")
+
+
+def backbone_input_blocks(outcome) -> list[Block]:
+    ds, size = outcome.dataset, outcome.options.get("input_size")
+    return [Text(
+        f"The vgg16 study does not normalize with the training split's statistics: its "
+        f"{'x'.join(map(str, ds.image_shape))} grayscale images are repeated to 3 channels, "
+        f"resized to {size}x{size} and normalized with ImageNet's per-channel mean and std "
+        "(0.485/0.456/0.406, 0.229/0.224/0.225), the inputs the pretrained filters were "
+        f"trained on; the split's own mean {ds.channel_mean[0]:.4f} and std "
+        f"{ds.channel_std[0]:.4f} would shift every input away from them.")]
+
+
+def transfer_blocks(outcome) -> list[Block]:
+    """What this run measured about the frozen backbone, and why it lost where it did."""
+    weights, info, study = outcome.weights, outcome.model_info, outcome.study
+    size = outcome.options.get("input_size")
+    trained, total = info["n_parameters"], info["n_parameters_total"]
+    seconds = [(t.datetime_complete - t.datetime_start).total_seconds()
+               for t in study.get_trials(deepcopy=False)
+               if t.datetime_complete and t.datetime_start]
+    per_trial = statistics.fmean(seconds) if seconds else float("nan")
+    backbone = outcome.backbone_ms
+    side = size // 32
+    rows = [
+        ["weights", f"{weights.kind}: {weights.source} (sha256 `{weights.sha256[:16]}`...)"],
+        ["input", f"{'x'.join(map(str, outcome.dataset.image_shape))} grayscale -> 3 x {size} "
+                  f"x {size}; the conv stack leaves a {side}x{side}x512 map"],
+        ["parameters", f"{trained:,} trained (the head) of {total:,} "
+                       f"({100 * trained / total:.2f}%)"],
+        ["seconds per trial", f"{per_trial:.2f} (head only, on cached features)"],
+    ]
+    if backbone:
+        epoch = backbone * (len(outcome.dataset.train) + len(outcome.dataset.val)) / 1000
+        rows.append(["backbone", f"{backbone:.2f} ms per image (timed on test images): "
+                     f"{epoch:.1f} s per epoch over the training and validation splits, "
+                     "which every trial would pay without the feature cache"])
+    blocks: list[Block] = [Heading("Frozen VGG16: what this run measured"),
+                           Table(["", ""], rows)]
+    better = [r for r in outcome.other_studies
+              if r["test_accuracy"] is not None and r["test_accuracy"] > outcome.test["accuracy"]]
+    if not better:
+        blocks.append(Text("No other study in this storage scored higher on the same test "
+                           "images."))
+        return blocks
+    top = max(better, key=lambda r: r["test_accuracy"])
+    gap = (top["test_accuracy"] - outcome.test["accuracy"]) * 100
+    reasons = []
+    if weights.kind == "none":
+        reasons.append("the backbone's weights are random, so its features encode no learned "
+                       "shapes at all")
+    else:
+        reasons.append(f"its filters were learned on 224 px colour photographs of ImageNet; "
+                       f"here {outcome.dataset.image_shape[-1]} px grayscale digits are "
+                       f"upsampled to {size} px and repeated over three channels, and five "
+                       f"poolings reduce them to a {side}x{side} map")
+    origin = "as initialized" if weights.kind == "none" else "as ImageNet trained it"
+    reasons.append(f"only the head ({trained:,} parameters, {100 * trained / total:.2f}% of "
+                   f"the network) learns from these images; the other {total - trained:,} stay "
+                   f"{origin}, while the {top['study']} study learns every one of its "
+                   + (f"{top['n_parameters']:,} " if top["n_parameters"] else "")
+                   + "parameters from them")
+    blocks.append(Text(
+        f"**Why VGG16 loses here**: its test accuracy {outcome.test['accuracy']:.4f} is "
+        f"{gap:.2f} points below {top['study_name']} ({top['test_accuracy']:.4f}): "
+        + "; ".join(reasons) + "."))
+    return blocks
