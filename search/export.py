@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import logging
-import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch import nn
 
 from search import registry
 from search.errors import ConfigError
+from search.models.common import read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -103,18 +103,9 @@ def load_model(path: str | Path, map_location: str = "cpu") -> LoadedModel:
             f"{str(info['sha256'])[:16]}...: the file is truncated, corrupted or from another run"
         )
     try:
-        state = torch.load(weights, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ModelFileError(
-            f"{weights}: refused: it holds pickled objects other than tensors, which could run "
-            f"code when loaded ({first})"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - garbage bytes fail in many ways inside torch
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFileError(f"{weights}: not a readable PyTorch file ({first})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelFileError(f"{weights}: holds a {type(state).__name__}, not a state_dict")
+        state = read_state_dict(weights, map_location)
+    except ValueError as exc:
+        raise ModelFileError(f"{weights}: {exc}") from None
     spec = registry.get(info["study"])
     try:
         params = spec.suggest(optuna.trial.FixedTrial(info["params"]))

@@ -6,8 +6,10 @@ itself with statistics held as buffers, so a saved state_dict carries its own pr
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -86,3 +88,26 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     """Parameters of `model`; by default trainable ones only (a frozen backbone does not
     count)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def read_state_dict(path: Path, map_location: str = "cpu") -> dict:
+    """A state_dict from `path`, loaded with torch.load(weights_only=True): no pickled code
+    runs. Raises ValueError saying why not: pickled objects other than tensors (refused),
+    bytes torch cannot read, or something that is not a dict of tensors."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        code = next((line for line in lines if "Unsupported global" in line), None)
+        if code is not None:
+            raise ValueError("refused: it holds pickled objects other than tensors, which "
+                             f"could run code when loaded ({code[:200]})") from None
+        raise ValueError(f"not a readable PyTorch file ({lines[-1][:200] if lines else ''})"
+                         ) from None
+    except Exception as exc:  # noqa: BLE001 - garbage bytes fail in many ways inside torch
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"not a readable PyTorch file ({first[:200]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise ValueError(f"holds a {type(state).__name__}, not a state_dict")
+    return state

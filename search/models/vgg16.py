@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from search.errors import ConfigError
+from search.models.common import read_state_dict
 
 HEADS = ("exercise", "small")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -112,17 +112,9 @@ def resolve_weights(spec: str, seed: int = 0) -> VGGWeights:
 def _read_state(path: Path) -> dict:
     """A VGG16 state_dict from `path`, loaded with weights_only=True. Raises WeightsError."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise WeightsError(f"{path}: refused: it holds pickled objects other than tensors, "
-                           f"which could run code when loaded ({first[:200]})") from None
-    except Exception as exc:  # noqa: BLE001 - truncated or foreign bytes fail in many ways
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"{path}: not a readable PyTorch file ({first[:200]})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                              for v in state.values()):
-        raise WeightsError(f"{path}: holds a {type(state).__name__}, not a VGG16 state_dict")
+        state = read_state_dict(path)
+    except ValueError as exc:
+        raise WeightsError(f"{path}: {exc}") from None
     expected = {k: v.shape for k, v in _vgg16().state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
