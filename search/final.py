@@ -24,7 +24,7 @@ import torch
 import storage
 from search import augment as augment_module
 from search import data as data_module
-from search import export, plots, registry, report, report_content, report_sections
+from search import export, registry
 from search import metrics as metrics_module
 from search.cli import Parser, setup_logging
 from search.config import RunConfig, trial_seed, versions
@@ -34,6 +34,9 @@ from search.features import FeatureCache, backbone_ms_per_image
 from search.models import Normalize, count_parameters
 from search.models.vgg16 import ImageNetInput, VGGWeights, resolve_weights
 from search.registry import StudySpec
+from search.report import content as report_content
+from search.report import plots, render
+from search.report import sections as report_sections
 from search.retrain import ConfigResult, retrain
 from search.train import predict_scores, resolve_device
 
@@ -163,7 +166,7 @@ def run_final(study: optuna.Study, cfg: RunConfig,
     _write_figures(outcome)
     outcome.command = _reproduce_command(study, cfg)
     title = f"Study {study.study_name}"
-    md, page = report.write(report_content.build(outcome), directory, title)
+    md, page = render.write(report_content.build(outcome), directory, title)
     _attach(outcome, opened or study._storage, cfg)
     log.info("final model: %s", metrics_module.accuracy_line(outcome.test))
     log.info("saved: %s (+ model.json, model.onnx, metrics.json, %s)",

@@ -111,10 +111,13 @@ class TrialReporter:
         best = best_value(study)
         tag = trial.user_attrs.get("reference")
         why = trial.user_attrs.get("failure")
+        runs = trial.user_attrs.get("backbone_runs")  # frozen-backbone studies only
+        features = "" if runs is None else (
+            " features: cache hit" if runs == 0 else f" features: backbone ran {runs}x")
         log.info(
-            "trial %d %s value=%s best=%s %.1fs%s%s", trial.number, trial.state.name,
+            "trial %d %s value=%s best=%s %.1fs%s%s%s", trial.number, trial.state.name,
             "-" if value is None else f"{value:.4f}", "-" if best is None else f"{best:.4f}",
-            seconds, f" [{tag}]" if tag else "", f" ({why})" if why else "",
+            seconds, f" [{tag}]" if tag else "", features, f" ({why})" if why else "",
         )
         self.bar.update(1)
         if best is not None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from search.report import Code, Heading, Image, Table, Text, to_html, to_markdown
-from search.report_content import boundary, describe_distribution, param_changes
+from search.report.content import boundary, describe_distribution, param_changes
+from search.report.render import Code, Heading, Image, Table, Text, to_html, to_markdown
 from spaces.mlp import LECTURE, SEED
 
 D = optuna.distributions

@@ -1,7 +1,7 @@
 """runs/<study-name>/report.md and report.html: one document, two renderings.
 
 The report is assembled as a list of blocks (heading, text, table, code, image) by
-`search.report_content`; this module renders them to Markdown (images beside it in
+`search.report.content`; this module renders them to Markdown (images beside it in
 figures/) and to a self-contained HTML page (images embedded as base64).
 """
 

@@ -1,4 +1,4 @@
-"""What the final report says, as blocks for `search.report` to render (md and html)."""
+"""What the final report says, as blocks for `search.report.render` (md and html)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from datetime import timedelta
 
 import optuna
 
-from search import augment, report_sections
+from search import augment
 from search import metrics as metrics_module
-from search.report import Block, Code, Heading, Image, Table, Text
+from search.report import sections as report_sections
+from search.report.render import Block, Code, Heading, Image, Table, Text
 
 # a best value within this share of its range (on the sampled scale) is "on the boundary"
 BOUNDARY_SHARE = 0.05

@@ -2,7 +2,7 @@
 final step): other studies' final models on the same data, and what augmentation did.
 
 `gather_*` read the study and its storage; `*_blocks` turn what they found into report
-blocks for `search.report_content`.
+blocks for `search.report.content`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections import Counter
 
 import optuna
 
-from search.report import Block, Heading, Image, Table, Text
+from search.report.render import Block, Heading, Image, Table, Text
 
 # what makes two studies' test scores comparable: the same images in the same splits
 SAME_DATA = ("dataset", "n_train", "n_val", "n_test", "split_seed")
