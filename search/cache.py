@@ -24,6 +24,15 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def key_name(key: dict) -> str:
     """A file name for everything an array depends on (JSON-able values)."""
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]

@@ -10,7 +10,6 @@ same builder the search used. `python -m search.evaluate` is built on it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from search import registry
+from search.cache import sha256_of
 from search.errors import ConfigError
 from search.models.common import read_state_dict
 
@@ -45,14 +45,6 @@ class LoadedModel:
     model: nn.Module
     info: dict  # the contents of model.json
     params: object  # the study's frozen params dataclass
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_model(model: nn.Module, directory: Path, info: dict) -> tuple[Path, Path]:

@@ -85,13 +85,6 @@ def open_study(cfg: RunConfig, spec: StudySpec, dataset: Dataset,
     if "space_version" not in attrs:
         _initialize(study, cfg, spec, dataset, backbone)
         return study
-    if backbone and attrs.get("backbone", {}) != backbone:
-        made = attrs.get("backbone", {})
-        raise ConfigError(
-            f"study {study_name!r} was made with {made.get('weights', {}).get('kind')} weights "
-            f"(sha256 {str(made.get('weights', {}).get('sha256'))[:12]}...) at input size "
-            f"{made.get('input_size')}; this run has {weights.kind} "
-            f"({weights.sha256[:12]}...) at {cfg.input_size}; pass a new --study-name")
     expected = {"study": spec.name, "space_version": spec.space_version}
     for key, value in expected.items():
         if attrs.get(key) != value:
@@ -99,6 +92,15 @@ def open_study(cfg: RunConfig, spec: StudySpec, dataset: Dataset,
                 f"study {study_name!r} was made with {key} {attrs.get(key)!r}, this run uses "
                 f"{value!r}; pass a new --study-name to start a fresh study"
             )
+    made = attrs.get("backbone", {})
+    if backbone and (made.get("weights", {}).get("sha256"), made.get("input_size")) != (
+            weights.sha256, cfg.input_size):
+        # the cached features of other weights or another size would not fit its trials
+        raise ConfigError(
+            f"study {study_name!r} was made with {made.get('weights', {}).get('kind')} weights "
+            f"(sha256 {str(made.get('weights', {}).get('sha256'))[:12]}...) at input size "
+            f"{made.get('input_size')}; this run has {weights.kind} "
+            f"({weights.sha256[:12]}...) at {cfg.input_size}; pass a new --study-name")
     made = attrs.get("data", {})
     for key in ("dataset", "n_train", "n_val", "split_seed"):
         if made.get(key) != dataset.describe()[key]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from search.cache import sha256_of
 from search.models import count_parameters
 from search.models import vgg16 as vgg16_module
 from search.models.vgg16 import FrozenVGG16, ImageNetInput, WeightsError, resolve_weights
@@ -97,7 +98,7 @@ def test_imagenet_weights_from_torchvisions_cache(tmp_path, monkeypatch, saved, 
     path.write_bytes(saved.read_bytes())
     found = resolve_weights("imagenet")
     assert found.kind == "imagenet" and found.source == str(path)
-    assert found.sha256 == vgg16_module._file_sha256(saved)
+    assert found.sha256 == sha256_of(saved)
     assert torch.equal(found.state["features.0.weight"], weights.state["features.0.weight"])
 
 

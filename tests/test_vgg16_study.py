@@ -4,6 +4,7 @@ evaluated and exported, and the report beside an mlp study."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -14,6 +15,7 @@ import torch
 from search import evaluate as evaluate_module
 from search import final as final_module
 from search.config import RunConfig
+from search.errors import ConfigError
 from search.export import load_model
 from search.run import main, search
 from search.train import predict_scores
@@ -106,3 +108,11 @@ def test_a_bad_weights_file_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "w.pth: not a readable PyTorch file" in err[0]
     assert not (tmp_path / "studies.db").exists()
+
+
+def test_resuming_with_other_weights_or_size_is_refused(finished):
+    cfg, _, _, _, _ = finished
+    with pytest.raises(ConfigError, match="was made with none weights .* at input size 32"):
+        search(dataclasses.replace(cfg, seed=1, n_trials=1, final=False))  # other random init
+    with pytest.raises(ConfigError, match="this run has none .* at 64"):
+        search(dataclasses.replace(cfg, input_size=64, n_trials=1, final=False))

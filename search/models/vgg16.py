@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from search.cache import sha256_of
 from search.errors import ConfigError
 from search.models.common import read_state_dict
 
@@ -101,12 +102,12 @@ def resolve_weights(spec: str, seed: int = 0) -> VGGWeights:
                     f"({reason}); put {path.name} from {url} there (or set $TORCH_HOME), or "
                     "pass --weights PATH to a VGG16 state_dict, or --weights none for random "
                     "features")
-        return VGGWeights("imagenet", str(path), _file_sha256(path), _read_state(path))
+        return VGGWeights("imagenet", str(path), sha256_of(path), _read_state(path))
     path = Path(spec)
     if not path.is_file():
         raise WeightsError(f"--weights {spec}: no such file; give imagenet, none or the path "
                            "of a VGG16 state_dict")
-    return VGGWeights("path", str(path), _file_sha256(path), _read_state(path))
+    return VGGWeights("path", str(path), sha256_of(path), _read_state(path))
 
 
 def _read_state(path: Path) -> dict:
@@ -126,14 +127,6 @@ def _read_state(path: Path) -> dict:
             f"wrong shape {', '.join(wrong[:4])}" if wrong else "") if part)
         raise WeightsError(f"{path}: not a VGG16 state_dict ({detail})")
     return state
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _state_sha256(state: dict) -> str:
