@@ -40,7 +40,7 @@ class FeatureCache:
     weights: VGGWeights
     directory: Path | None
     device: torch.device
-    computed: list = field(default_factory=list)  # (split, head, size) made by this process
+    computed: list = field(default_factory=list)  # (split, input size) passes this process ran
     _memory: dict = field(default_factory=dict, repr=False)
 
     def get(self, split: str, head: str, input_size: int) -> torch.Tensor:
@@ -61,7 +61,7 @@ class FeatureCache:
 
         def make() -> np.ndarray:
             self.computed.append((split, input_size))
-            arrays = self._compute(images, input_size, split)
+            arrays = run_backbone(self.weights, images, input_size, self.device, split)
             if self.directory is not None:
                 for cut, array in arrays.items():
                     if cut != head:  # the requested one is stored by get_or_make
@@ -79,29 +79,30 @@ class FeatureCache:
         self._memory[slot] = tensor
         return tensor
 
-    @torch.inference_mode()
-    def _compute(self, images: torch.Tensor, input_size: int, split: str) -> dict:
-        """Every cut's features of `images`, from one pass through the backbone."""
-        model = FrozenVGG16(1, head="exercise", input_size=input_size,
-                            state=self.weights.state)
-        model = model.to(self.device).eval()
-        conv, rest = model.frozen[0], model.frozen[1:]  # vgg.features | avgpool ... [:6]
-        speed = Speed.of(model, self.device)
-        if speed.channels_last:
-            model.to(memory_format=torch.channels_last)
-        layout = torch.channels_last if speed.channels_last else torch.contiguous_format
-        parts: dict = {cut: [] for cut in CUTS}
-        batches = range(0, len(images), BATCH)
-        for start in tqdm(batches, desc=f"vgg16 features ({split})", unit="batch",
-                          file=sys.stderr, disable=None, leave=False):
-            x = images[start:start + BATCH].to(self.device).float().div_(255.0)
-            with torch.autocast(self.device.type, dtype=speed.autocast or torch.float32,
-                                enabled=speed.autocast is not None):
-                maps = conv(model.input(x).contiguous(memory_format=layout))
-                pooled = rest(maps)
-            for cut, out in (("small", maps.flatten(1)), ("exercise", pooled)):
-                parts[cut].append(out.float().cpu().numpy().astype(np.float16))
-        return {cut: np.concatenate(chunks) for cut, chunks in parts.items()}
+
+@torch.inference_mode()
+def run_backbone(weights: VGGWeights, images: torch.Tensor, input_size: int,
+                 device: torch.device, desc: str = "") -> dict:
+    """Every cut's features (float16 arrays) of uint8 `images`, from one batched pass
+    through the frozen VGG16 in eval mode."""
+    model = FrozenVGG16(1, head="exercise", input_size=input_size, state=weights.state)
+    model = model.to(device).eval()
+    conv, rest = model.frozen[0], model.frozen[1:]  # vgg.features | avgpool ... [:6]
+    speed = Speed.of(model, device)
+    if speed.channels_last:
+        model.to(memory_format=torch.channels_last)
+    layout = torch.channels_last if speed.channels_last else torch.contiguous_format
+    parts: dict = {cut: [] for cut in CUTS}
+    for start in tqdm(range(0, len(images), BATCH), desc=f"vgg16 features {desc}",
+                      unit="batch", file=sys.stderr, disable=None, leave=False):
+        x = images[start:start + BATCH].to(device).float().div_(255.0)
+        with torch.autocast(device.type, dtype=speed.autocast or torch.float32,
+                            enabled=speed.autocast is not None):
+            maps = conv(model.input(x).contiguous(memory_format=layout))
+            pooled = rest(maps)
+        for cut, out in (("small", maps.flatten(1)), ("exercise", pooled)):
+            parts[cut].append(out.float().cpu().numpy().astype(np.float16))
+    return {cut: np.concatenate(chunks) for cut, chunks in parts.items()}
 
 
 def _torchvision_version() -> str:
@@ -116,12 +117,10 @@ def feature_split(cache: FeatureCache, split: str, head: str, input_size: int,
     return DeviceSplit(cache.get(split, head, input_size).to(device), labels.to(device))
 
 
-@torch.inference_mode()
 def backbone_ms_per_image(weights: VGGWeights, input_size: int, images: torch.Tensor,
                           device: torch.device, n: int = 256) -> float:
     """Milliseconds per image of one pass through the frozen part, on `n` of `images`
     (what the cache saves every trial, every epoch)."""
-    cache = FeatureCache({"timing": images[:n]}, "timing", weights, None, device)
     started = time.perf_counter()
-    cache._compute(images[:n], input_size, "timing")
+    run_backbone(weights, images[:n], input_size, device, "(timing)")
     return 1000 * (time.perf_counter() - started) / max(1, min(n, len(images)))
