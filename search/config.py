@@ -62,7 +62,10 @@ class RunConfig:
             raise ConfigError("--study-name must not be empty")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """For the study's user attributes: the storage URL's password is hidden."""
+        import storage
+
+        return {**asdict(self), "storage": storage.shown(self.storage)}
 
 
 def trial_seed(study_seed: int, trial_number: int) -> int:

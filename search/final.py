@@ -90,14 +90,14 @@ def _reproduce_command(study: optuna.Study, cfg: RunConfig) -> str:
     made = study.user_attrs.get("config", {})
     run = ["python", "-m", "search.run", "--study", study.user_attrs.get("study", cfg.study),
            "--data", study.user_attrs.get("data", {}).get("dataset", cfg.data),
-           "--storage", cfg.storage, "--study-name", study.study_name,
+           "--storage", storage.shown(cfg.storage), "--study-name", study.study_name,
            "--seed", str(made.get("seed", cfg.seed)),
            "--epochs", str(made.get("epochs", cfg.epochs)),
            "--sampler", made.get("sampler", cfg.sampler),
            "--pruner", made.get("pruner", cfg.pruner),
            "--n-trials", str(len(study.trials)), "--final-seeds", str(cfg.final_seeds)]
-    redo = ["python", "-m", "search.final", "--storage", cfg.storage, "--study-name",
-            study.study_name, "--final-seeds", str(cfg.final_seeds)]
+    redo = ["python", "-m", "search.final", "--storage", storage.shown(cfg.storage),
+            "--study-name", study.study_name, "--final-seeds", str(cfg.final_seeds)]
     directory = Path(cfg.runs_dir) / study.study_name
     return "\n".join([
         "# the whole search (TPE resumed across runs is not bit-for-bit repeatable):",
@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             study = optuna.load_study(study_name=args.study_name, storage=opened)
         except KeyError:
             names = [s.study_name for s in optuna.get_all_study_summaries(opened)]
-            raise ConfigError(f"no study {args.study_name!r} in {args.storage}; studies there: "
+            raise ConfigError(f"no study {args.study_name!r} in {storage.shown(args.storage)}; "
+                              "studies there: "
                               f"{', '.join(names) or 'none'}") from None
         # the run's own settings (seed, epochs, batch size, data), as saved with the study;
         # RunConfig's defaults for a study that saved none

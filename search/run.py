@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             from search.final import run_final
 
             run_final(study, cfg, opened, dataset)
-        log.info("browse: optuna-dashboard %s --artifact-dir %s", cfg.storage,
+        log.info("browse: optuna-dashboard %s --artifact-dir %s", storage.shown(cfg.storage),
                  storage.artifact_dir(cfg.storage, cfg.artifact_dir))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

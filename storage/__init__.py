@@ -43,6 +43,15 @@ def parse(url: str) -> URL:
     return parsed
 
 
+def shown(url: str) -> str:
+    """`url` with its password replaced by ***, for logs, reports and study attributes;
+    a URL that does not parse is returned as it is (it has no password to hide)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
 def sqlite_path(url: str) -> Path | None:
     """The database file of an SQLite URL, None for in-memory or other databases."""
     parsed = parse(url)
@@ -65,16 +74,16 @@ def open(  # noqa: A001 (storage.open is the name the design gives it)
     database cannot be reached.
     """
     parsed = parse(url)
-    shown = parsed.render_as_string(hide_password=True)
+    display = parsed.render_as_string(hide_password=True)
     engine_kwargs: dict = {}
     if parsed.get_backend_name() == "sqlite":
         path = sqlite_path(url)
         if path is not None:
             if not path.parent.is_dir():
                 raise StorageError(
-                    f"storage {shown}: directory {path.parent} does not exist; create it first"
+                    f"storage {display}: directory {path.parent} does not exist; create it first"
                 )
-            _enable_wal(path, shown)
+            _enable_wal(path, display)
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
     else:
         engine_kwargs["pool_pre_ping"] = True  # survive a server restart between trials
@@ -92,7 +101,7 @@ def open(  # noqa: A001 (storage.open is the name the design gives it)
             )
     except (SQLAlchemyError, ImportError, sqlite3.Error) as exc:
         first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise StorageError(f"cannot open storage {shown}: {first}") from None
+        raise StorageError(f"cannot open storage {display}: {first}") from None
     if parsed.get_backend_name() == "sqlite":
         _begin_immediate(opened.engine)
     return opened
@@ -115,7 +124,7 @@ def _begin_immediate(engine) -> None:
     engine.dispose()  # connections made before the listeners existed are dropped
 
 
-def _enable_wal(path: Path, shown: str) -> None:
+def _enable_wal(path: Path, display: str) -> None:
     # WAL is a property of the database file: set once, every later connection uses it,
     # and readers (optuna-dashboard) no longer block the writers.
     try:
@@ -125,7 +134,7 @@ def _enable_wal(path: Path, shown: str) -> None:
         finally:
             connection.close()
     except sqlite3.Error as exc:
-        raise StorageError(f"cannot open storage {shown}: {exc}") from None
+        raise StorageError(f"cannot open storage {display}: {exc}") from None
 
 
 def artifact_dir(url: str, directory: str | Path | None = None) -> Path:
@@ -162,4 +171,4 @@ def artifact_store(url: str, directory: str | Path | None = None):
 
 
 __all__ = ["DEFAULT_URL", "artifact_dir", "artifact_store", "cache_dir", "open", "parse",
-           "sqlite_path"]
+           "shown", "sqlite_path"]

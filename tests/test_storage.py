@@ -101,3 +101,29 @@ def test_trial_of_a_dead_worker_is_failed_and_retried(storage_url, study_name):
     assert retry.state == optuna.trial.TrialState.COMPLETE
     assert retry.params == first.params  # the same point, run again
     assert retry.system_attrs["failed_trial"] == first.number
+
+
+def test_a_storage_password_is_never_written(postgres_url, study_name, tmp_path, capfd):
+    """The password of a storage URL stays out of logs, reports, model files and the
+    study's attributes and note (the server here trusts any password)."""
+    import json
+
+    from sqlalchemy.engine import make_url
+
+    from search.run import main
+
+    secret = "s3cret-pw-7f"
+    url = make_url(postgres_url).set(password=secret).render_as_string(hide_password=False)
+    assert main(["--study", "mlp", "--data", "digits", "--n-trials", "2", "--epochs", "2",
+                 "--final-seeds", "1", "--storage", url, "--study-name", study_name,
+                 "--runs-dir", str(tmp_path / "runs"),
+                 "--artifact-dir", str(tmp_path / "artifacts")]) == 0
+    out, err = capfd.readouterr()
+    assert secret not in out + err and "***" in err
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "report.md" for p in written)
+    for path in written:
+        assert secret.encode() not in path.read_bytes(), path
+    study = optuna.load_study(study_name=study_name, storage=postgres_url)
+    assert secret not in json.dumps(study.user_attrs)
+    assert secret not in json.dumps(study._storage.get_study_system_attrs(study._study_id))
