@@ -35,8 +35,10 @@ from search.models import Normalize, count_parameters
 from search.models.vgg16 import ImageNetInput, VGGWeights, resolve_weights
 from search.registry import StudySpec
 from search.report import content as report_content
-from search.report import plots, render
+from search.report import render
 from search.report import sections as report_sections
+from search.report.dashboard import attach
+from search.report.figures import write_figures
 from search.retrain import ConfigResult, retrain
 from search.train import predict_scores, resolve_device
 
@@ -44,10 +46,6 @@ log = logging.getLogger(__name__)
 
 # final-retrain seeds are trial_seed(study seed, FINAL_SEED_OFFSET + k): never a trial's seed
 FINAL_SEED_OFFSET = 1_000_000
-MIMETYPES = {".pt": "application/octet-stream", ".onnx": "application/octet-stream",
-             ".json": "application/json", ".md": "text/markdown", ".html": "text/html",
-             ".png": "image/png"}
-
 
 @dataclass
 class Outcome:
@@ -163,11 +161,11 @@ def run_final(study: optuna.Study, cfg: RunConfig,
     outcome.other_studies = report_sections.gather_other_studies(study, opened or study._storage)
     if spec.augments:
         outcome.augmentation = report_sections.gather_augmentation(study)
-    _write_figures(outcome)
+    write_figures(outcome)
     outcome.command = _reproduce_command(study, cfg)
     title = f"Study {study.study_name}"
     md, page = render.write(report_content.build(outcome), directory, title)
-    _attach(outcome, opened or study._storage, cfg)
+    attach(outcome, opened or study._storage, cfg)
     log.info("final model: %s", metrics_module.accuracy_line(outcome.test))
     log.info("saved: %s (+ model.json, model.onnx, metrics.json, %s)",
              directory / "model.pt", md.name)
@@ -244,95 +242,6 @@ def _save_and_reload(outcome: Outcome, params, epochs: int, batch_size: int) -> 
     (outcome.directory / "metrics.json").write_text(json.dumps(
         {**outcome.test, "model": "model.pt (reloaded)", "onnx_check": outcome.onnx,
          "comparison": summary}, indent=2) + "\n")
-
-
-def _write_figures(outcome: Outcome) -> None:
-    folder = outcome.directory / "figures"
-    folder.mkdir(parents=True, exist_ok=True)
-    importance_fig, outcome.importances = plots.param_importances(outcome.study)
-    figures = {
-        "history": plots.optimization_history(outcome.study),
-        "importances": importance_fig,
-        "slices": plots.param_slices(outcome.study),
-        "curves": plots.training_curves(outcome.results),
-        "confusion": plots.confusion(outcome.test["confusion_matrix"],
-                                     list(outcome.dataset.classes)),
-    }
-    if outcome.spec.augments:
-        figures["augment"] = _augment_grid(outcome)
-    for key, fig in figures.items():
-        if fig is not None:
-            path = folder / f"{key}.png"
-            plots.save(fig, path)
-            outcome.figures[key] = path
-
-
-def _augment_grid(outcome: Outcome):
-    """The first training image of each class at strengths 0, 0.5, 1 and the best's."""
-    train = outcome.dataset.train
-    firsts = [int((train.y == c).nonzero()[0]) for c in range(len(outcome.dataset.classes))
-              if bool((train.y == c).any())]
-    images = train.x[firsts]
-    best = outcome.results["best found"].params.augment
-    families = best.families or augment_module.FAMILIES
-    strengths = [0.0, 0.5, 1.0, best.strength]
-    labels = ["strength 0", "strength 0.5", "strength 1", f"best ({best.strength:g})"]
-    grids = augment_module.grid_images(images, strengths, families)
-    shown = ", ".join(families) + ("" if best.families else " (the best found uses none)")
-    outcome.augment_caption = (
-        f"The same training images (the first of each class) with families {shown}, at "
-        f"strength 0 (as trained without augmentation), 0.5, 1 and the best found's "
-        f"{best.strength:g}")
-    return plots.image_grid(list(zip(labels, grids, strict=True)),
-                            "Augmentation at increasing strength")
-
-
-def _attach(outcome: Outcome, opened, cfg: RunConfig) -> None:
-    """Upload the files as Optuna artifacts and write the study note.
-
-    They are artifacts of the study, not of the best trial: Optuna refuses to change a
-    finished trial (UpdateFinishedTrialError), and the best trial is finished before the
-    final retrain starts. The note and the user attribute `final` name the trial.
-    """
-    from optuna.artifacts import upload_artifact
-    from optuna_dashboard import save_note
-
-    store = storage.artifact_store(cfg.storage, cfg.artifact_dir)
-    names = ["model.pt", "model.json", "model.onnx", "metrics.json", "report.md",
-             "report.html", *[f"figures/{p.name}" for p in outcome.figures.values()]]
-    uploaded = {}
-    for name in names:
-        path = outcome.directory / name
-        uploaded[name] = upload_artifact(
-            artifact_store=store, file_path=str(path), study_or_trial=outcome.study,
-            storage=opened, mimetype=MIMETYPES.get(path.suffix, "application/octet-stream"))
-    outcome.study.set_user_attr("final", {
-        "trial": outcome.best_trial.number, "directory": str(outcome.directory),
-        "test_accuracy": outcome.test["accuracy"], "macro_f1": outcome.test["macro_f1"],
-        "n_parameters": outcome.results["best found"].n_parameters,
-        "n_parameters_total": outcome.model_info["n_parameters_total"],
-        **({"weights": outcome.weights.describe()} if outcome.weights else {}),
-        "artifacts": uploaded})
-    rows = [f"| {label} | {r.summary()['test_accuracy']['mean']:.4f} | "
-            f"{r.summary()['n_parameters']:,} |" for label, r in outcome.results.items()
-            if r.runs]
-    banner = ([report_sections.RANDOM_WEIGHTS, ""]
-              if outcome.weights is not None and outcome.weights.kind == "none" else [])
-    note = "\n".join([
-        *banner,
-        f"## Final model: trial {outcome.best_trial.number}, retrained",
-        "",
-        f"**{metrics_module.accuracy_line(outcome.test)}**, from the model reloaded from "
-        f"`{outcome.directory / 'model.pt'}`.",
-        "",
-        "| config | test accuracy (mean over seeds) | parameters |",
-        "|---|---|---|",
-        *rows,
-        "",
-        f"Files (study artifacts, below): {', '.join(names[:6])} and the figures. "
-        f"Report: `{outcome.directory / 'report.html'}`.",
-    ])
-    save_note(outcome.study, note)
 
 
 def main(argv: list[str] | None = None) -> int:

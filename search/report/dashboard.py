@@ -1,0 +1,60 @@
+"""What optuna-dashboard shows of a finished study: its final files as Optuna artifacts of the
+study, the `final` user attribute, and the study note."""
+
+from __future__ import annotations
+
+import storage
+from search import metrics as metrics_module
+from search.report import sections as report_sections
+
+MIMETYPES = {".pt": "application/octet-stream", ".onnx": "application/octet-stream",
+             ".json": "application/json", ".md": "text/markdown", ".html": "text/html",
+             ".png": "image/png"}
+
+
+def attach(outcome, opened, cfg) -> None:
+    """Upload the files as Optuna artifacts and write the study note.
+
+    They are artifacts of the study, not of the best trial: Optuna refuses to change a
+    finished trial (UpdateFinishedTrialError), and the best trial is finished before the
+    final retrain starts. The note and the user attribute `final` name the trial.
+    """
+    from optuna.artifacts import upload_artifact
+    from optuna_dashboard import save_note
+
+    store = storage.artifact_store(cfg.storage, cfg.artifact_dir)
+    names = ["model.pt", "model.json", "model.onnx", "metrics.json", "report.md",
+             "report.html", *[f"figures/{p.name}" for p in outcome.figures.values()]]
+    uploaded = {}
+    for name in names:
+        path = outcome.directory / name
+        uploaded[name] = upload_artifact(
+            artifact_store=store, file_path=str(path), study_or_trial=outcome.study,
+            storage=opened, mimetype=MIMETYPES.get(path.suffix, "application/octet-stream"))
+    outcome.study.set_user_attr("final", {
+        "trial": outcome.best_trial.number, "directory": str(outcome.directory),
+        "test_accuracy": outcome.test["accuracy"], "macro_f1": outcome.test["macro_f1"],
+        "n_parameters": outcome.results["best found"].n_parameters,
+        "n_parameters_total": outcome.model_info["n_parameters_total"],
+        **({"weights": outcome.weights.describe()} if outcome.weights else {}),
+        "artifacts": uploaded})
+    rows = [f"| {label} | {r.summary()['test_accuracy']['mean']:.4f} | "
+            f"{r.summary()['n_parameters']:,} |" for label, r in outcome.results.items()
+            if r.runs]
+    banner = ([report_sections.RANDOM_WEIGHTS, ""]
+              if outcome.weights is not None and outcome.weights.kind == "none" else [])
+    note = "\n".join([
+        *banner,
+        f"## Final model: trial {outcome.best_trial.number}, retrained",
+        "",
+        f"**{metrics_module.accuracy_line(outcome.test)}**, from the model reloaded from "
+        f"`{outcome.directory / 'model.pt'}`.",
+        "",
+        "| config | test accuracy (mean over seeds) | parameters |",
+        "|---|---|---|",
+        *rows,
+        "",
+        f"Files (study artifacts, below): {', '.join(names[:6])} and the figures. "
+        f"Report: `{outcome.directory / 'report.html'}`.",
+    ])
+    save_note(outcome.study, note)
