@@ -156,8 +156,8 @@ def run_final(study: optuna.Study, cfg: RunConfig,
                       options={"input_size": cfg.input_size} if weights else {})
     _save_and_reload(outcome, params, epochs, batch_size)
     if weights is not None:
-        outcome.backbone_ms = backbone_ms_per_image(weights, cfg.input_size,
-                                                         dataset.test.x, device)
+        outcome.backbone_ms = backbone_ms_per_image(weights, cfg.input_size, dataset.test.x,
+                                                    device)
     outcome.other_studies = report_sections.gather_other_studies(study, opened or study._storage)
     if spec.augments:
         outcome.augmentation = report_sections.gather_augmentation(study)
