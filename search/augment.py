@@ -99,18 +99,27 @@ def pipeline(spec: AugmentSpec, seed: int, size: int = 28):
     return A.Compose([make[name]() for name in order if name in spec.families], seed=seed)
 
 
-def augment(images: np.ndarray, spec: AugmentSpec, seed: int) -> np.ndarray:
+def augment(images: np.ndarray, spec: AugmentSpec, seed: int,
+            processes: int = 1) -> np.ndarray:
     """Augmented copy of uint8 `images` [N, C, H, W]; the identity when not spec.active.
 
-    The same (images, spec, seed) always gives the same pixels, in any process.
+    Images are augmented in chunks of CHUNK, each seeded from `seed` and its index, so the
+    same (images, spec, seed) gives the same pixels in any process, with chunks spread
+    over `processes` processes or not.
     """
-    if not spec.active:
+    if not spec.active or not len(images):
         return images.copy()
-    out = np.empty_like(images)
-    for start in range(0, len(images), CHUNK):
-        out[start:start + CHUNK] = _augment_chunk(images[start:start + CHUNK], spec,
-                                                  _chunk_seed(seed, start // CHUNK))
-    return out
+    starts = range(0, len(images), CHUNK)
+    jobs = [(images[start:start + CHUNK], spec, _chunk_seed(seed, start // CHUNK))
+            for start in starts]
+    if processes <= 1 or len(jobs) < 2:
+        return np.concatenate([_augment_chunk(*job) for job in jobs])
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(processes, len(jobs)), mp_context=context) as pool:
+        return np.concatenate(list(pool.map(_augment_chunk, *zip(*jobs, strict=True))))
 
 
 def _chunk_seed(seed: int, chunk: int) -> int:
@@ -125,25 +134,6 @@ def _augment_chunk(images: np.ndarray, spec: AugmentSpec, seed: int) -> np.ndarr
     hwc = np.ascontiguousarray(images.transpose(0, 2, 3, 1))  # albumentations wants HWC
     out = np.stack([compose(image=image)["image"].reshape(image.shape) for image in hwc])
     return out.transpose(0, 3, 1, 2)
-
-
-def _parallel_augment(images: np.ndarray, spec: AugmentSpec, seed: int,
-                      processes: int) -> np.ndarray:
-    """augment() with its chunks spread over `processes` processes: the same pixels."""
-    chunks = range(0, len(images), CHUNK)
-    if processes <= 1 or len(chunks) < 2:
-        return augment(images, spec, seed)
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    out = np.empty_like(images)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(processes, len(chunks)), mp_context=context) as pool:
-        jobs = {start: pool.submit(_augment_chunk, images[start:start + CHUNK], spec,
-                                   _chunk_seed(seed, start // CHUNK)) for start in chunks}
-        for start, job in jobs.items():
-            out[start:start + CHUNK] = job.result()
-    return out
 
 
 def data_key(images: torch.Tensor, dataset: str) -> dict:
@@ -219,7 +209,7 @@ class AugmentCache:
         seed = int(name[:8], 16)  # from the key: every trial and worker gets the same copy
 
         def make() -> np.ndarray:
-            return _parallel_augment(self.images.numpy(), spec, seed, self.processes)
+            return augment(self.images.numpy(), spec, seed, self.processes)
 
         if self.directory is None:
             self.stats.generated += 1

@@ -73,7 +73,7 @@ def test_chunks_in_several_processes_give_the_same_pixels(images, monkeypatch):
     monkeypatch.setattr(augment, "CHUNK", 16)  # 64 images: 4 chunks
     spec = AugmentSpec(1.0, FAMILIES)
     alone = augment.augment(images, spec, seed=3)
-    assert np.array_equal(augment._parallel_augment(images, spec, 3, processes=2), alone)
+    assert np.array_equal(augment.augment(images, spec, 3, processes=2), alone)
 
 
 # --- the cache ---------------------------------------------------------------------------
