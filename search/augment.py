@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from search.cache import ArrayStore, key_name
+from search.cache import ArrayStore, key_name, pixels_sha256
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,8 @@ def data_key(images: torch.Tensor, dataset: str) -> dict:
     sha256 covers the data set, the split and the files it came from) and the library."""
     import albumentations
 
-    pixels = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
-    return {"dataset": dataset, "n_train": int(images.shape[0]), "train_sha256": pixels,
+    return {"dataset": dataset, "n_train": int(images.shape[0]),
+            "train_sha256": pixels_sha256(images),
             "albumentations": albumentations.__version__, "pipeline": PIPELINE_VERSION}
 
 
@@ -163,8 +163,9 @@ class AugmentCache:
     """
 
     images: torch.Tensor  # uint8 [N, C, H, W], on the CPU
-    key: dict
+    key: dict | None  # None: data_key(images, dataset), made when a copy is first needed
     directory: Path | None = None
+    dataset: str = ""
     processes: int = 1
     stats: CacheStats = field(default_factory=CacheStats)
     _memory: OrderedDict = field(default_factory=OrderedDict, repr=False)
@@ -173,7 +174,7 @@ class AugmentCache:
     def for_dataset(cls, dataset, directory: Path | None) -> AugmentCache:
         """The cache of `dataset`'s training split (a search.data.Dataset); copies that
         span several chunks are made by as many processes as torch has threads."""
-        return cls(dataset.train.x, data_key(dataset.train.x, dataset.name), directory,
+        return cls(dataset.train.x, None, directory, dataset=dataset.name,
                    processes=max(1, torch.get_num_threads()))
 
     def epoch_images(self, spec: AugmentSpec, seed: int, epochs: int,
@@ -202,6 +203,8 @@ class AugmentCache:
             self.stats.seconds += time.perf_counter() - started
 
     def _name(self, spec: AugmentSpec, index: int) -> str:
+        if self.key is None:  # studies that never augment never hash the pixels
+            self.key = data_key(self.images, self.dataset)
         return key_name({**self.key, "strength": spec.strength,
                          "families": sorted(spec.families), "copy": index})
 

@@ -33,6 +33,12 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def pixels_sha256(images) -> str:
+    """The sha256 of a tensor's bytes (a split's pixels): part of every cache key, so other
+    data, another split or other files never match."""
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
+
+
 def key_name(key: dict) -> str:
     """A file name for everything an array depends on (JSON-able values)."""
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]

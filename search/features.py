@@ -10,7 +10,6 @@ head on them. The test split's features are made only when the final step asks f
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 import time
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from search.cache import ArrayStore, key_name
+from search.cache import ArrayStore, key_name, pixels_sha256
 from search.models.vgg16 import FrozenVGG16, VGGWeights
 from search.train import DeviceSplit, Speed
 
@@ -42,6 +41,7 @@ class FeatureCache:
     device: torch.device
     computed: list = field(default_factory=list)  # (split, input size) passes this process ran
     _memory: dict = field(default_factory=dict, repr=False)
+    _pixels: dict = field(default_factory=dict, repr=False)  # split -> sha256 of its pixels
 
     def get(self, split: str, head: str, input_size: int) -> torch.Tensor:
         """float16 features [N, F] of `split` for a head of kind `head` at `input_size` px.
@@ -51,7 +51,9 @@ class FeatureCache:
         if slot in self._memory:
             return self._memory[slot]
         images = self.splits[split]
-        pixels = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
+        if split not in self._pixels:  # hashed once per split, not once per head
+            self._pixels[split] = pixels_sha256(images)
+        pixels = self._pixels[split]
         names = {cut: key_name({
             "model": "vgg16", "cut": CUTS[cut], "input_size": int(input_size),
             "weights_sha256": self.weights.sha256, "dataset": self.dataset, "split": split,
