@@ -6,13 +6,47 @@ study's user attributes so a study says how it was made.
 
 from __future__ import annotations
 
+import os
 import platform
+import re
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from search.errors import ConfigError
 
 SAMPLERS = ("tpe", "random", "qmc")
 PRUNERS = ("hyperband", "median", "none")
+
+# Upper bounds: far above any real use, low enough that a typo (an extra 000) is caught
+# before hours are spent or memory is asked for.
+MAX_TRIALS = 100_000
+MAX_EPOCHS = 10_000
+MAX_BATCH_SIZE = 65_536
+MAX_WORKERS = 256
+MAX_FINAL_SEEDS = 100
+MAX_INPUT_SIZE = 1024
+MAX_TIMEOUT_S = 30 * 24 * 3600
+MAX_SEED = 2**31 - 2  # trial seeds are taken modulo 2**31 - 1
+# a study name becomes a folder name under --runs-dir: one path component, no leading dot
+STUDY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,99}")
+
+
+def _BOUNDS(cfg: RunConfig) -> tuple:  # noqa: N802 (a table)
+    return (("--n-trials", cfg.n_trials, MAX_TRIALS), ("--epochs", cfg.epochs, MAX_EPOCHS),
+            ("--batch-size", cfg.batch_size, MAX_BATCH_SIZE),
+            ("--workers", cfg.workers, MAX_WORKERS),
+            ("--final-seeds", cfg.final_seeds, MAX_FINAL_SEEDS))
+
+
+def check_study_name(name: str) -> str:
+    """`name`, or ConfigError when it could not be a folder of its own under --runs-dir
+    (a path separator, '..', a leading dot or dash, spaces, over 100 characters)."""
+    if not STUDY_NAME.fullmatch(name):
+        raise ConfigError(
+            f"study name {name!r} cannot be used: it names the folder under --runs-dir, so "
+            "use 1-100 letters, digits and _ . + = - (not starting with . or -)")
+    return name
 
 
 @dataclass(frozen=True)
@@ -40,32 +74,44 @@ class RunConfig:
     input_size: int = 32  # vgg16: images are resized to this square size (at least 32)
 
     def __post_init__(self) -> None:
-        positive = {"--n-trials": self.n_trials, "--epochs": self.epochs,
-                    "--batch-size": self.batch_size, "--final-seeds": self.final_seeds}
-        for flag, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{flag} must be at least 1, got {value}")
-        if self.workers is not None and self.workers < 1:
-            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
-        if self.timeout is not None and not self.timeout > 0:
-            raise ConfigError(f"--timeout must be positive (seconds), got {self.timeout}")
-        if self.seed < 0:
-            raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
+        for flag, value, top in _BOUNDS(self):
+            if value is not None and not 1 <= value <= top:
+                raise ConfigError(f"{flag} must be between 1 and {top:,}, got {value:,}")
+        if self.timeout is not None and not 0 < self.timeout <= MAX_TIMEOUT_S:
+            raise ConfigError(f"--timeout must be seconds between 0 and {MAX_TIMEOUT_S:,} "
+                              f"(30 days), got {self.timeout}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed must be an integer from 0 to {MAX_SEED:,}, got "
+                              f"{self.seed:,}")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"--sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
         if self.pruner not in PRUNERS:
             raise ConfigError(f"--pruner {self.pruner!r}: choose one of {', '.join(PRUNERS)}")
-        if self.input_size < 32:
-            raise ConfigError(f"--input-size must be at least 32 (VGG16 halves it five "
-                              f"times), got {self.input_size}")
-        if self.study_name is not None and not self.study_name.strip():
-            raise ConfigError("--study-name must not be empty")
+        if not 32 <= self.input_size <= MAX_INPUT_SIZE:
+            raise ConfigError(f"--input-size must be from 32 (VGG16 halves it five times) to "
+                              f"{MAX_INPUT_SIZE}, got {self.input_size:,}")
+        if self.study_name is not None:
+            check_study_name(self.study_name)
 
     def to_dict(self) -> dict:
         """For the study's user attributes: the storage URL's password is hidden."""
         import storage
 
         return {**asdict(self), "storage": storage.shown(self.storage)}
+
+
+def check_writable(directory: str | Path, flag: str) -> None:
+    """ConfigError unless `directory` is a folder, or could be made one, that this user can
+    write (checked before the search, so hours of trials do not end in a PermissionError)."""
+    path = Path(directory)
+    existing = next((p for p in (path, *path.absolute().parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise ConfigError(f"{flag} {directory}: {existing} is not a folder")
+    try:  # os.access says yes to root everywhere, /proc included: try it, leave nothing
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
+    except OSError as exc:
+        raise ConfigError(f"{flag} {directory}: cannot write in {existing} "
+                          f"({exc.strerror or exc}); pick a folder you can write") from None
 
 
 def trial_seed(study_seed: int, trial_number: int) -> int:

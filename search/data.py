@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,24 +189,54 @@ def _read_idx_dir(directory: Path):
 
 
 def _read_keras_npz(path: Path):
+    """x_train, y_train, x_test, y_test from Keras's mnist.npz. Every array's .npy header is
+    read and checked (uint8, [N, 28, 28] images, N labels 0..9, no larger than the member
+    holding it) before any array is, so a damaged or hostile file is one DataError, never a
+    huge allocation."""
+    keys = ("x_train", "y_train", "x_test", "y_test")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except KeyError as exc:
-        raise DataError(f"{path}: not the Keras MNIST layout (missing array {exc})") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read as .npz ({exc})") from None
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+            missing = [k for k in keys if k not in members]
+            if missing:
+                raise DataError(f"{path}: not the Keras MNIST layout (missing array "
+                                f"{', '.join(missing)})")
+            arrays = {k: _read_npy_member(archive, members[k], path) for k in keys}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: cannot read as .npz ({first}); delete it to download "
+                        "MNIST again") from None
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.ndim != 3 or len(x) != len(y):
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y) or x.dtype != np.uint8:
             raise DataError(
-                f"{path}: x_{split} has shape {x.shape} and y_{split} {y.shape}; expected "
-                "[N, 28, 28] images and N labels"
+                f"{path}: x_{split} is {x.dtype} {x.shape} and y_{split} {y.shape}; expected "
+                "uint8 [N, 28, 28] images and N labels"
             )
-    return (
-        arrays["x_train"].astype(np.uint8), arrays["y_train"],
-        arrays["x_test"].astype(np.uint8), arrays["y_test"],
-    )
+        if y.size and not 0 <= int(y.min()) <= int(y.max()) <= 9:
+            raise DataError(f"{path}: y_{split} holds labels outside 0..9")
+    return arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]
+
+
+def _read_npy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path):
+    with archive.open(info) as handle:
+        version = np.lib.format.read_magic(handle)
+        if version not in ((1, 0), (2, 0)):
+            raise DataError(f"{path}: {info.filename} is .npy version {version}; expected 1.0")
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(handle)
+        if dtype.hasobject:
+            raise DataError(f"{path}: {info.filename} holds Python objects; refused")
+        if math.prod(shape) * dtype.itemsize > info.file_size:
+            raise DataError(f"{path}: {info.filename} claims shape {shape}, more than the "
+                            f"{info.file_size:,} bytes it holds (truncated or damaged)")
+        count = math.prod(shape)
+        data = handle.read(count * dtype.itemsize)
+        if len(data) != count * dtype.itemsize:
+            raise DataError(f"{path}: {info.filename} is truncated")
+        array = np.frombuffer(data, dtype=dtype, count=count)
+        return array.reshape(shape, order="F" if fortran else "C").copy()
 
 
 def _download(name: str, directory: Path) -> str:
@@ -263,6 +296,11 @@ def _finish(name, source, classes, x_train, y_train, x_test, y_test) -> Dataset:
     y_train = np.asarray(y_train, dtype=np.int64)
     # a larger share for validation on small sets, so one image is not 0.25% of the score
     val_fraction = 0.1 if len(y_train) >= 20_000 else 0.2
+    counts = np.bincount(y_train)[np.bincount(y_train) > 0] if y_train.size else np.zeros(1)
+    if len(y_test) == 0 or counts.min() < 2:
+        raise DataError(f"{source}: {len(y_train):,} training and {len(y_test):,} test images, "
+                        f"fewest per class {int(counts.min())}; a validation split needs at "
+                        "least 2 training images of every class and a test split")
     x_fit, x_val, y_fit, y_val = train_test_split(
         x_train, y_train, test_size=val_fraction, stratify=y_train, random_state=SPLIT_SEED
     )

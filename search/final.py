@@ -256,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifact-dir")
     args = parser.parse_args(argv)
     try:
+        storage.check(args.storage)
+        path = storage.sqlite_path(args.storage)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"no database {path}: run `python -m search.run` first, or "
+                              "pass the --storage it used")
         opened = storage.open(args.storage)
         try:
             study = optuna.load_study(study_name=args.study_name, storage=opened)

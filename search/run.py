@@ -22,7 +22,7 @@ import storage
 from search import data as data_module
 from search import registry
 from search.cli import Parser, setup_logging
-from search.config import PRUNERS, SAMPLERS, RunConfig
+from search.config import PRUNERS, SAMPLERS, RunConfig, check_writable
 from search.data import Dataset
 from search.errors import ConfigError
 from search.models.vgg16 import resolve_weights
@@ -133,9 +133,18 @@ def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, D
     devices = plan_devices(cfg)  # checks --device before anything is opened or loaded
     # a frozen backbone's weights, found (or refused in one line) before anything is written
     weights = resolve_weights(cfg.weights, cfg.seed) if spec.feature_head else None
-    opened = storage.open(cfg.storage)  # fail on a bad URL before loading any data
+    storage.check(cfg.storage)  # a bad URL fails before any data is loaded
+    for flag, directory in (("--runs-dir", cfg.runs_dir if cfg.final else None),
+                            ("--artifact-dir", cfg.artifact_dir), ("--cache-dir", cfg.cache_dir)):
+        if directory is not None:
+            check_writable(directory, flag)
     dataset = data_module.load(cfg.data, cfg.data_dir)
+    if cfg.batch_size > len(dataset.train):
+        raise ConfigError(f"--batch-size {cfg.batch_size:,} is larger than the training split "
+                          f"({len(dataset.train):,} images of {dataset.name}); use at most that")
     name = cfg.study_name or f"{spec.name}-{dataset.name}"
+    # opened only now: bad flags or data leave no new database file behind
+    opened = storage.open(cfg.storage)
     study = open_study(cfg, spec, dataset, opened, name, weights)
     done = len(study.trials)
     log.info("study %r: %d trials so far; data %s (%d train / %d val, test held out) "

@@ -15,6 +15,7 @@ convolutional models, which `benchmarks/cnn_speed.py` measured faster here. Scor
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,15 +50,24 @@ def make_optimizer(name: str, model: nn.Module, lr: float,
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present. Raises ConfigError when 'cuda' is asked for and absent."""
+    """'auto' picks CUDA when present; 'cpu', 'cuda' and 'cuda:N' are taken as they are.
+    Raises ConfigError for anything else (torch also names mps, xla, meta, ...: this
+    service trains on CPUs and CUDA GPUs only) and for a GPU this machine does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was given but no CUDA GPU is visible; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu or cuda") from None
+    match = re.fullmatch(r"(cpu|cuda)(?::(\d{1,3}))?", name)
+    if match is None or (match[1] == "cpu" and match[2] not in (None, "0")):
+        raise ConfigError(f"--device {name!r} is not a device this service trains on; use "
+                          "auto, cpu, cuda or cuda:N")
+    if match[1] == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {name} was given but no CUDA GPU is visible; use "
+                              "--device cpu")
+        if match[2] is not None and int(match[2]) >= count:
+            raise ConfigError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to "
+                              f"cuda:{count - 1}")
+    return torch.device(name)
 
 
 @dataclass(frozen=True)

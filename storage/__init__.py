@@ -8,6 +8,7 @@ trial whose worker died is failed and retried.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import warnings
 from pathlib import Path
@@ -24,6 +25,7 @@ SQLITE_BUSY_TIMEOUT_S = 60  # a writer waits this long for the lock before faili
 HEARTBEAT_INTERVAL_S = 30
 GRACE_PERIOD_S = 120  # a running trial with no heartbeat for this long is failed, then retried
 MAX_RETRY = 2
+CONNECT_TIMEOUT_S = 10  # an unreachable server is reported after this long
 _EXAMPLES = "e.g. sqlite:///studies.db or postgresql://user@host:5432/db"
 
 
@@ -31,8 +33,10 @@ def parse(url: str) -> URL:
     """Raises StorageError when `url` is not an SQLAlchemy database URL."""
     try:
         parsed = make_url(url)
-    except ArgumentError:
-        raise StorageError(f"storage URL {url!r} is malformed; expected {_EXAMPLES}") from None
+        parsed.port  # noqa: B018 (a port that is not a number raises here, not later)
+    except (ArgumentError, ValueError) as exc:
+        why = "the port is not a number" if isinstance(exc, ValueError) else "malformed"
+        raise StorageError(f"storage URL {shown(url)!r}: {why}; expected {_EXAMPLES}") from None
     try:
         parsed.get_dialect()
     except Exception:
@@ -48,8 +52,71 @@ def shown(url: str) -> str:
     a URL that does not parse is returned as it is (it has no password to hide)."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url
+    except (ArgumentError, ValueError):
+        # not a URL SQLAlchemy reads: hide whatever sits between "user:" and "@"
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def check(url: str) -> None:
+    """Everything about `url` that can be checked without writing anything: it parses, an
+    SQLite file's folder exists, and an existing SQLite file is an Optuna database of this
+    Optuna's schema. Raises StorageError. `open` repeats it; `search.run` calls it first so
+    that a run stopped by bad data or flags leaves no new database file behind."""
+    parsed = parse(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise StorageError(f"storage URL {url!r} is an in-memory database: no trial would be "
+                           "kept and workers could not share it; give a file, e.g. "
+                           "sqlite:///studies.db")
+    path = sqlite_path(url)
+    if path is None:
+        return
+    display = parsed.render_as_string(hide_password=True)
+    if not path.parent.is_dir():
+        raise StorageError(f"storage {display}: directory {path.parent} does not exist; "
+                           "create it first")
+    if path.exists() and not path.is_file():
+        raise StorageError(f"storage {display}: {path} is not a file")
+    if not path.is_file() or path.stat().st_size == 0:
+        return  # a new database
+    try:
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
+                                     timeout=SQLITE_BUSY_TIMEOUT_S)
+        try:
+            tables = {row[0] for row in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            revision = (connection.execute("SELECT version_num FROM alembic_version")
+                        .fetchone() if "alembic_version" in tables else None)
+        finally:
+            connection.close()
+    except sqlite3.Error as exc:
+        raise StorageError(f"storage {display}: {path} is not an SQLite database ({exc}); "
+                           "give another file") from None
+    if tables and not {"studies", "alembic_version"} <= tables:
+        listed = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise StorageError(f"storage {display}: {path} is a database of another program "
+                           f"(tables {listed}); Optuna would add its tables to it, so give "
+                           "another file")
+    head = _schema_head()
+    if revision is not None and head is not None and revision[0] != head:
+        raise StorageError(_old_schema(display, revision[0], head))
+
+
+def _schema_head() -> str | None:
+    """The table schema revision this Optuna writes (None if Optuna's layout changed)."""
+    try:
+        from optuna.storages._rdb.storage import _VersionManager
+
+        manager = object.__new__(_VersionManager)  # the head needs no database
+        manager.url = "sqlite://"
+        return manager.get_head_version()
+    except Exception:  # a private API: without it, RDBStorage's own check still runs
+        return None
+
+
+def _old_schema(display: str, found: str, head: str) -> str:
+    return (f"storage {display} has Optuna table schema {found!r}, this Optuna "
+            f"({optuna.__version__}) uses {head!r}; back it up, then run `optuna storage "
+            f"upgrade --storage {display}` (or give another database)")
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -73,20 +140,16 @@ def open(  # noqa: A001 (storage.open is the name the design gives it)
     Raises StorageError when the URL is malformed, the SQLite directory is missing, or the
     database cannot be reached.
     """
+    check(url)
     parsed = parse(url)
     display = parsed.render_as_string(hide_password=True)
     engine_kwargs: dict = {}
     if parsed.get_backend_name() == "sqlite":
-        path = sqlite_path(url)
-        if path is not None:
-            if not path.parent.is_dir():
-                raise StorageError(
-                    f"storage {display}: directory {path.parent} does not exist; create it first"
-                )
-            _enable_wal(path, display)
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
     else:
         engine_kwargs["pool_pre_ping"] = True  # survive a server restart between trials
+        if parsed.get_backend_name() == "postgresql":
+            engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
     try:
         with warnings.catch_warnings():
             # heartbeats are marked experimental in Optuna; they are what makes retry work
@@ -99,9 +162,15 @@ def open(  # noqa: A001 (storage.open is the name the design gives it)
                 grace_period=grace_period,
                 heartbeat_stale_trial_callback=retry,
             )
-    except (SQLAlchemyError, ImportError, sqlite3.Error) as exc:
-        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    except (SQLAlchemyError, ImportError, sqlite3.Error, RuntimeError) as exc:
+        text = str(getattr(exc, "orig", None) or exc).strip()
+        if "storage upgrade" in text:  # RDBStorage's schema check on a server database
+            raise StorageError(_old_schema(display, "older", "this one's")) from None
+        first = text.splitlines()[0] if text else type(exc).__name__
         raise StorageError(f"cannot open storage {display}: {first}") from None
+    path = sqlite_path(url)
+    if path is not None:
+        _enable_wal(path, display)
     if parsed.get_backend_name() == "sqlite":
         _begin_immediate(opened.engine)
     return opened
@@ -170,5 +239,5 @@ def artifact_store(url: str, directory: str | Path | None = None):
     return FileSystemArtifactStore(str(base))
 
 
-__all__ = ["DEFAULT_URL", "artifact_dir", "artifact_store", "cache_dir", "open", "parse",
+__all__ = ["DEFAULT_URL", "artifact_dir", "artifact_store", "cache_dir", "check", "open", "parse",
            "shown", "sqlite_path"]

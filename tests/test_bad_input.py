@@ -1,0 +1,335 @@
+"""Bad input, one table: every flag and every file the service reads.
+
+Each row runs a real entry point (`search.run`, `search.final`, `search.evaluate`) in this
+process and checks what the user sees and what is left behind: exit code 2, exactly one line
+on stderr that says what is wrong, no traceback, no password, and every file and folder under
+the working directory (storage, runs, artifacts, caches) byte-for-byte as it was, with no new
+database file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+import storage
+from search import evaluate as evaluate_module
+from search import final as final_module
+from search import run as run_module
+from search.export import sha256_of
+from tests.test_data import write_mnist_dir
+
+SECRET = "hunter2-secret"
+RUN = ["--study", "mlp", "--data", "digits", "--n-trials", "1", "--epochs", "1"]
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    argv: list[str]
+    says: str  # a fragment of the one line the user must see
+    setup: Callable[[Path], None] | None = None
+    cli: str = "run"  # run, final or evaluate
+    needs_postgres: bool = False
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file (its sha256) and folder under `root`. SQLite's -shm is a shared-memory
+    index rebuilt from the database, and an empty -wal holds nothing: neither is data."""
+    seen = {}
+    for path in sorted(root.rglob("*")):
+        name = str(path.relative_to(root))
+        if path.is_dir():
+            seen[name] = "folder"
+        elif not (name.endswith("-shm") or (name.endswith("-wal") and not path.stat().st_size)):
+            seen[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return seen
+
+
+# --- what a row's setup writes before the bad run --------------------------------------------
+
+def _study_db(root: Path, *, name="mlp-digits", direction="maximize", **attrs) -> None:
+    """studies.db holding one study made by this service with `attrs` changed."""
+    opened = storage.open(f"sqlite:///{root / 'studies.db'}")
+    study = optuna.create_study(storage=opened, study_name=name, direction=direction)
+    made = {"study": "mlp", "space_version": "mlp-v1",
+            "data": {"dataset": "digits", "n_train": 1149, "n_val": 288, "split_seed": 20240}}
+    for key, value in {**made, **attrs}.items():
+        study.set_user_attr(key, value)
+    opened.engine.dispose()  # closed as a finished run leaves it
+
+
+def _sqlite_of_another_program(root: Path) -> None:
+    with sqlite3.connect(root / "studies.db") as connection:
+        connection.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+        connection.execute("INSERT INTO invoices VALUES (1, 9.5)")
+    connection.close()
+
+
+def _older_optuna_schema(root: Path) -> None:
+    _study_db(root)
+    with sqlite3.connect(root / "studies.db") as connection:
+        connection.execute("PRAGMA journal_mode=DELETE")
+        connection.execute("UPDATE alembic_version SET version_num = 'v3.0.0.d'")
+    connection.close()
+
+
+def _write(relative: str, content: bytes) -> Callable[[Path], None]:
+    def setup(root: Path) -> None:
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    return setup
+
+
+def _idx(change: Callable[[Path], None] | None = None) -> Callable[[Path], None]:
+    """A valid IDX folder idx/ (300 train / 100 test images), then `change` applied to it."""
+    def setup(root: Path) -> None:
+        write_mnist_dir(root / "idx")
+        if change is not None:
+            change(root / "idx")
+    return setup
+
+
+def _truncate(name: str) -> Callable[[Path], None]:
+    def change(folder: Path) -> None:
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) // 2])
+    return change
+
+
+def _model(change: Callable[[Path], None]) -> Callable[[Path], None]:
+    """model/ holding the shared saved model's model.pt + model.json, then `change`."""
+    def setup(root: Path) -> None:
+        (root / "model").mkdir()
+        for name in ("model.pt", "model.json"):
+            shutil.copy(SAVED_MODEL / name, root / "model" / name)
+        change(root / "model")
+    return setup
+
+
+def _json(**changes) -> Callable[[Path], None]:
+    def change(folder: Path) -> None:
+        info = json.loads((folder / "model.json").read_text())
+        (folder / "model.json").write_text(json.dumps({**info, **changes}))
+    return change
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def _pickle_that_runs_code(folder: Path) -> None:
+    torch.save({"weights": _RunsCode()}, folder / "model.pt")
+    _json(sha256=sha256_of(folder / "model.pt"))(folder)  # an attacker can fix the digest
+
+
+def _widths_changed(folder: Path) -> None:
+    info = json.loads((folder / "model.json").read_text())
+    _json(params={**info["params"], "n_units_l0": info["params"]["n_units_l0"] + 1})(folder)
+
+
+# --- the table -------------------------------------------------------------------------------
+
+NUMERIC = {  # flag: (value, what the line says), beyond the rows every flag gets
+    "--n-trials": "--n-trials", "--timeout": "--timeout", "--epochs": "--epochs",
+    "--batch-size": "--batch-size", "--seed": "--seed", "--workers": "--workers",
+    "--final-seeds": "--final-seeds", "--input-size": "--input-size",
+}
+
+
+def _numeric_rows() -> list[Row]:
+    rows = []
+    for flag in NUMERIC:
+        values = ["0", "-1", "1000000000000", "many"]
+        if flag == "--seed":
+            values.remove("0")  # seed 0 is the default
+        if flag == "--timeout":
+            values += ["nan", "inf"]
+        for value in values:
+            rows.append(Row(f"{flag}={value}", [*RUN, flag, value], flag))
+    return rows
+
+
+ROWS = [
+    *_numeric_rows(),
+    # names: study, data, sampler, pruner, device
+    Row("unknown study", ["--study", "resnet"], "unknown study 'resnet'"),
+    Row("no study", [], "the following arguments are required: --study"),
+    Row("unknown data", [*RUN, "--data", "cifar"], "invalid choice: 'cifar'"),
+    Row("unknown sampler", [*RUN, "--sampler", "cmaes"], "invalid choice: 'cmaes'"),
+    Row("unknown pruner", [*RUN, "--pruner", "asha"], "invalid choice: 'asha'"),
+    *[Row(f"device {d}", [*RUN, f"--device={d}"], "--device")
+      for d in ("gpu", "meta", "mps", "xla", "cpu:1", "cuda:99", "", "cuda:-1")],
+    *([] if torch.cuda.is_available() else
+      [Row("device cuda without a GPU", [*RUN, "--device", "cuda"], "no CUDA GPU is visible")]),
+    # study names become folders: nothing may point outside --runs-dir
+    *[Row(f"study name {n!r}", [*RUN, f"--study-name={n}"], "study name")
+      for n in ("../escape", "a/b", "/abs", ".hidden", "-dash", " ", "x" * 101, "a\nb")],
+    Row("runs dir not writable", [*RUN, "--runs-dir", "/proc/runs"], "--runs-dir"),
+    Row("artifact dir is a file", [*RUN, "--artifact-dir", "afile"], "is not a folder",
+        _write("afile", b"x")),
+    Row("cache dir not writable", [*RUN, "--cache-dir", "/proc/cache"], "--cache-dir"),
+    Row("weights file missing", ["--study", "vgg16", "--weights", "nothing.pth"], "nothing.pth"),
+    Row("weights not torch", ["--study", "vgg16", "--weights", "w.pth"], "w.pth",
+        _write("w.pth", b"\x80\x02not a checkpoint")),
+    Row("runs dir is a file", [*RUN, "--runs-dir", "afile/runs"], "is not a folder",
+        _write("afile", b"x")),
+    # storage URLs, malformed in every part, unreachable, or not an Optuna database
+    Row("storage scheme", [*RUN, "--storage", "postgres://u@h/db"], "unknown database kind"),
+    Row("storage driver", [*RUN, "--storage", "mysql+nodriver://x"], "unknown database kind"),
+    Row("storage empty", [*RUN, "--storage", ""], "malformed"),
+    Row("storage port", [*RUN, "--storage", f"postgresql://u:{SECRET}@127.0.0.1:port/db"],
+        "the port is not a number"),
+    Row("storage port range", [*RUN, "--storage",
+                               f"postgresql://u:{SECRET}@127.0.0.1:99999/db"], "port"),
+    Row("storage host", [*RUN, "--storage", f"postgresql://u:{SECRET}@no-such-host.invalid/db"],
+        "cannot open storage"),
+    Row("storage unreachable", [*RUN, "--storage", f"postgresql://u:{SECRET}@127.0.0.1:1/db"],
+        "cannot open storage"),
+    Row("storage user", [*RUN, "--storage", f"postgresql://nobody:{SECRET}@127.0.0.1:5432/test"],
+        'role "nobody" does not exist', needs_postgres=True),
+    Row("storage database", [*RUN, "--storage",
+                             f"postgresql://postgres:{SECRET}@127.0.0.1:5432/no_such_db"],
+        'database "no_such_db" does not exist', needs_postgres=True),
+    Row("storage in memory", [*RUN, "--storage", "sqlite://"], "in-memory database"),
+    Row("storage folder missing", [*RUN, "--storage", "sqlite:///no/such/dir.db"],
+        "directory no/such does not exist"),
+    Row("storage not a database", [*RUN, "--storage", "sqlite:///studies.db"],
+        "is not an SQLite database", _write("studies.db", b"name,score\nada,1\n" * 50)),
+    Row("storage of another program", [*RUN, "--storage", "sqlite:///studies.db"],
+        "is a database of another program (tables invoices)", _sqlite_of_another_program),
+    Row("storage older optuna", [*RUN, "--storage", "sqlite:///studies.db"],
+        "optuna storage upgrade", _older_optuna_schema),
+    # an existing study of another kind, space version, direction or data
+    Row("study of another kind", RUN, "was made with study 'cnn'",
+        lambda root: _study_db(root, study="cnn")),
+    Row("study of another space", RUN, "space_version 'mlp-v0'",
+        lambda root: _study_db(root, space_version="mlp-v0")),
+    Row("study that minimizes", RUN, "minimizes", lambda root: _study_db(root, direction="minimize")),
+    Row("study on other data", RUN, "was made on digits (n_train=999)",
+        lambda root: _study_db(root, data={"dataset": "digits", "n_train": 999, "n_val": 288,
+                                           "split_seed": 20240})),
+    # data folders: missing, truncated, mismatched, corrupt; and the Keras cache on auto
+    Row("data dir missing", [*RUN, "--data", "mnist", "--data-dir", "nowhere"],
+        "data directory nowhere does not exist"),
+    Row("idx file missing", [*RUN, "--data", "mnist", "--data-dir", "idx"],
+        "missing t10k-labels-idx1-ubyte",
+        _idx(lambda d: (d / "t10k-labels-idx1-ubyte").unlink())),
+    Row("idx truncated", [*RUN, "--data", "mnist", "--data-dir", "idx"],
+        "train-images-idx3-ubyte: header says", _idx(_truncate("train-images-idx3-ubyte"))),
+    Row("idx counts mismatch", [*RUN, "--data", "mnist", "--data-dir", "idx"],
+        "has 100 images but",
+        _idx(lambda d: write_mnist_dir(d / "other", n_test=50)
+             and None or shutil.move(d / "other" / "t10k-labels-idx1-ubyte",
+                                     d / "t10k-labels-idx1-ubyte"))),
+    Row("idx not idx", [*RUN, "--data", "mnist", "--data-dir", "idx"], "not an IDX file",
+        _idx(lambda d: (d / "train-labels-idx1-ubyte").write_bytes(b"<html>404</html>"))),
+    Row("idx corrupt gzip", [*RUN, "--data", "mnist", "--data-dir", "idx"], "corrupt gzip",
+        _idx(lambda d: ((d / "train-labels-idx1-ubyte").unlink(),
+                        (d / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b\x08junk")))),
+    Row("idx one class", [*RUN, "--data", "mnist", "--data-dir", "idx"],
+        "a validation split needs at least 2",
+        _idx(lambda d: write_mnist_dir(d, n_train=1))),
+    Row("keras npz corrupt", ["--study", "mlp", "--n-trials", "1"], "mnist.npz: cannot read",
+        _write("no-keras/datasets/mnist.npz", b"PK\x03\x04 this is not a zip")),
+    Row("keras npz wrong arrays", ["--study", "mlp", "--n-trials", "1"],
+        "not the Keras MNIST layout",
+        lambda root: np.savez(_parent(root / "no-keras/datasets/mnist.npz"), x=np.zeros(3))),
+    # search.final
+    Row("final: no database", ["--study-name", "nope"], "no database studies.db", cli="final"),
+    Row("final: unknown study", ["--study-name", "nope"], "no study 'nope'", cli="final",
+        setup=_study_db),
+    Row("final: study name", ["--study-name", "../up"], "study name", cli="final",
+        setup=lambda root: _study_db(root, name="../up")),
+    Row("final: seeds", ["--study-name", "mlp-digits", "--final-seeds", "0"], "--final-seeds",
+        cli="final", setup=_study_db),
+    Row("final: no trials", ["--study-name", "mlp-digits"], "no completed trial", cli="final",
+        setup=_study_db),
+    Row("final: storage", ["--study-name", "x", "--storage", "sqlite:///studies.db"],
+        "is not an SQLite database", _write("studies.db", b"\x00" * 4096), cli="final"),
+    # search.evaluate: model.pt / model.json truncated, mismatched, unsafe
+    Row("model missing", ["model/model.pt"], "no such file", cli="evaluate"),
+    Row("model truncated", ["model/model.pt"], "sha256", _model(_truncate("model.pt")),
+        cli="evaluate"),
+    Row("model json broken", ["model/model.pt"], "not valid JSON",
+        _model(lambda d: (d / "model.json").write_text("{not json")), cli="evaluate"),
+    Row("model json missing", ["model/model.pt"], "model.json: missing",
+        _model(lambda d: (d / "model.json").unlink()), cli="evaluate"),
+    Row("model of another architecture", ["model/model.pt"], "does not fit the architecture",
+        _model(_widths_changed), cli="evaluate"),
+    Row("model pickle runs code", ["model/model.pt"], "refused: it holds pickled objects",
+        _model(_pickle_that_runs_code), cli="evaluate"),
+    Row("model on other data", ["model/model.pt", "--data", "mnist-5k"], "takes 1x8x8 images",
+        _model(lambda d: None), cli="evaluate"),
+]
+
+
+def _parent(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+SAVED_MODEL: Path = Path()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def saved_model(tmp_path_factory):
+    """One real model.pt + model.json (mlp on digits) for the evaluate rows."""
+    global SAVED_MODEL
+    root = tmp_path_factory.mktemp("model")
+    cfg = run_module.RunConfig(study="mlp", data="digits", n_trials=2, epochs=1,
+                               storage=f"sqlite:///{root / 'studies.db'}", final_seeds=1,
+                               runs_dir=str(root / "runs"))
+    study, opened, dataset = run_module.search(cfg)
+    final_module.run_final(study, cfg, opened, dataset)
+    SAVED_MODEL = root / "runs" / "mlp-digits"
+    return SAVED_MODEL
+
+
+MAINS = {"run": run_module.main, "final": final_module.main, "evaluate": evaluate_module.main}
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(row, tmp_path, capsys, request):
+    if row.needs_postgres:
+        request.getfixturevalue("postgres_url")  # skips (or fails in CI) without a server
+    if row.setup is not None:
+        row.setup(tmp_path)
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    try:
+        code = MAINS[row.cli](row.argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(lines) == 1, err
+    assert row.says in lines[0], lines[0]
+    assert SECRET not in err
+    assert snapshot(tmp_path) == before
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_the_table_covers_every_flag_of_every_command():
+    """A flag added to a command without a row here fails this test."""
+    covered = " ".join(" ".join(row.argv) for row in ROWS)
+    for parser in (run_module.build_parser(),):
+        for action in parser._actions:
+            flag = next((o for o in action.option_strings if o.startswith("--")), None)
+            if flag in (None, "--help", "--no-final"):
+                continue
+            assert flag in covered, f"no bad-input row for {flag}"
