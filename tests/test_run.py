@@ -27,35 +27,7 @@ def test_help_lists_studies(tmp_path):
     assert "mlp " in result.stdout and "optuna-dashboard" in result.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--study", "resnet"], "unknown study 'resnet'; valid studies: cnn, mlp"),
-    (["--study", "mlp", "--n-trials", "0"], "--n-trials must be at least 1"),
-    (["--study", "mlp", "--epochs", "-3"], "--epochs must be at least 1"),
-    (["--study", "mlp", "--timeout", "0"], "--timeout must be positive"),
-    (["--study", "mlp", "--storage", "mysql+nodriver://x"], "storage"),
-    (["--study", "mlp", "--storage", "postgresql://postgres@127.0.0.1:1/x"],
-     "cannot open storage"),
-    (["--study", "mlp", "--data", "mnist", "--data-dir", "nowhere"],
-     "data directory nowhere does not exist"),
-    (["--study", "mlp", "--device", "cuda:banana"], "device"),
-])
-def test_bad_configuration_is_one_line_and_exit_2(args, message, capsys):
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0] and err[0].startswith("error: ")
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--study", "mlp", "--n-trials", "many"], "invalid int value: 'many'"),
-    (["--study", "mlp", "--data", "cifar"], "invalid choice: 'cifar'"),
-    ([], "the following arguments are required: --study"),
-])
-def test_malformed_arguments_exit_2_in_one_line(args, message, capsys):
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    assert info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0]
+# every bad flag and file: tests/test_bad_input.py
 
 
 def test_malformed_idx_file_is_one_line_naming_it(tmp_path, capsys):
@@ -107,11 +79,6 @@ def test_two_workers_share_one_budget_and_log_every_trial(tmp_path):
     assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)
     for trial in trials:
         assert f"trial {trial.number} " in result.stderr
-
-
-def test_bad_worker_count_is_one_line(capsys):
-    assert main(["--study", "mlp", "--workers", "0"]) == 2
-    assert "--workers must be at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("study, epochs", [("mlp", 20), ("cnn", 8)])
