@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -58,7 +59,7 @@ class ArrayStore:
         given shape and dtype."""
         array_path, digest_path = self.paths(name)
         try:
-            expected = digest_path.read_text().strip()
+            expected = digest_path.read_text(encoding="utf-8").strip()
             data = array_path.read_bytes()
         except OSError:
             return None
@@ -66,7 +67,7 @@ class ArrayStore:
             log.warning("cache file %s is truncated or corrupt; making it again", array_path)
             return None
         try:
-            array = np.load(io.BytesIO(data), allow_pickle=False)
+            array = read_npy(data)
         except ValueError:
             return None
         if (shape is not None and array.shape != tuple(shape)) or (
@@ -99,6 +100,33 @@ class ArrayStore:
         data = _npy_bytes(array)
         _write_atomically(array_path, data)
         _write_atomically(digest_path, hashlib.sha256(data).hexdigest().encode())
+
+
+def read_npy(data: bytes) -> np.ndarray:
+    """The array in .npy bytes. Its header is checked before anything is allocated:
+    ValueError when the header is damaged, the array holds Python objects, or the header
+    claims other than the bytes that follow it (np.load would allocate first)."""
+    handle = io.BytesIO(data)
+    try:  # numpy parses the header as a Python literal: damage raises more than ValueError
+        version = np.lib.format.read_magic(handle)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f".npy version {version} is not 1.0 or 2.0")
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(handle)
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - SyntaxError, TokenError, MemoryError, ...
+        raise ValueError(f"damaged .npy header ({type(exc).__name__})") from None
+    if dtype.hasobject:
+        raise ValueError("it holds Python objects")
+    count = math.prod(shape)
+    follow = len(data) - handle.tell()
+    if count * dtype.itemsize != follow:
+        raise ValueError(f"its header claims shape {shape} of {dtype}, {follow:,} bytes follow "
+                         "it (truncated or damaged)")
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=handle.tell())
+    return array.reshape(shape, order="F" if fortran else "C").copy()
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

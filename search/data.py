@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import os
 import zipfile
 import zlib
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
+from search.cache import read_npy
 from search.errors import DataError
 from search.idx import find_file, read_idx
 
@@ -43,6 +43,7 @@ _IDX_STEMS = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 # torchvision keeps its downloads in <root>/<class name>/raw
+MAX_NPZ_MEMBER_BYTES = 1 << 30  # Keras's mnist.npz arrays are 47 MB at most
 _TORCHVISION_DIR = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 
 
@@ -219,24 +220,16 @@ def _read_keras_npz(path: Path):
 
 
 def _read_npy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path):
-    with archive.open(info) as handle:
-        version = np.lib.format.read_magic(handle)
-        if version not in ((1, 0), (2, 0)):
-            raise DataError(f"{path}: {info.filename} is .npy version {version}; expected 1.0")
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0)
-        shape, fortran, dtype = read_header(handle)
-        if dtype.hasobject:
-            raise DataError(f"{path}: {info.filename} holds Python objects; refused")
-        if math.prod(shape) * dtype.itemsize > info.file_size:
-            raise DataError(f"{path}: {info.filename} claims shape {shape}, more than the "
-                            f"{info.file_size:,} bytes it holds (truncated or damaged)")
-        count = math.prod(shape)
-        data = handle.read(count * dtype.itemsize)
-        if len(data) != count * dtype.itemsize:
-            raise DataError(f"{path}: {info.filename} is truncated")
-        array = np.frombuffer(data, dtype=dtype, count=count)
-        return array.reshape(shape, order="F" if fortran else "C").copy()
+    # deflate inflates at most ~1032x: a larger claim is damage (or a zip bomb); and a
+    # member cannot be larger than the file holding it (zipfile would allocate the claim)
+    if info.compress_size > path.stat().st_size or info.file_size > min(
+            MAX_NPZ_MEMBER_BYTES, 1100 * max(info.compress_size, 1)):
+        raise DataError(f"{path}: {info.filename} claims {info.file_size:,} bytes from "
+                        f"{info.compress_size:,} (damaged file?)")
+    try:
+        return read_npy(archive.read(info))
+    except ValueError as exc:
+        raise DataError(f"{path}: {info.filename}: {exc}") from None
 
 
 def _download(name: str, directory: Path) -> str:

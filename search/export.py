@@ -34,6 +34,8 @@ REQUIRED = ("format", "study", "params", "input", "classes", "sha256")
 # ONNX Runtime and PyTorch order float operations differently; on [0, 1] inputs the outputs
 # of these nets agree to ~1e-6. A gap above this means the export is wrong, not rounding.
 ONNX_ATOL = 1e-4
+MAX_SIDE = 4096  # pixels per side of a model's input
+MAX_CLASSES = 100_000
 
 
 class ModelFileError(ConfigError):
@@ -54,7 +56,7 @@ def save_model(model: nn.Module, directory: Path, info: dict) -> tuple[Path, Pat
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save(state, weights)
     info = {"format": FORMAT, **info, "sha256": sha256_of(weights)}
-    meta.write_text(json.dumps(info, indent=2, sort_keys=False) + "\n")
+    meta.write_text(json.dumps(info, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return weights, meta
 
 
@@ -63,7 +65,7 @@ def _read_info(meta: Path) -> dict:
         raise ModelFileError(f"{meta}: missing; a model.pt is loaded with the model.json "
                              "written beside it")
     try:
-        info = json.loads(meta.read_text())
+        info = json.loads(meta.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelFileError(f"{meta}: not valid JSON ({exc})") from None
     if not isinstance(info, dict):
@@ -73,6 +75,14 @@ def _read_info(meta: Path) -> dict:
         raise ModelFileError(f"{meta}: missing {', '.join(missing)}")
     if info["format"] != FORMAT:
         raise ModelFileError(f"{meta}: format {info['format']!r}, this version reads {FORMAT!r}")
+    # checked before anything is built from them: a forged size must not allocate gigabytes
+    shape = info["input"].get("shape") if isinstance(info["input"], dict) else None
+    if not (isinstance(shape, list) and len(shape) == 3 and shape[0] in (1, 3) and all(
+            type(d) is int and 1 <= d <= MAX_SIDE for d in shape[1:])):
+        raise ModelFileError(f"{meta}: input shape {str(shape)[:60]} is not [1 or 3 channels, "
+                             f"height, width] of at most {MAX_SIDE} pixels")
+    if not (isinstance(info["classes"], list) and 2 <= len(info["classes"]) <= MAX_CLASSES):
+        raise ModelFileError(f"{meta}: classes must be a list of 2 to {MAX_CLASSES} names")
     return info
 
 

@@ -14,7 +14,10 @@ import dataclasses
 import json
 import logging
 import shlex
+import shutil
 import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,25 +155,54 @@ def run_final(study: optuna.Study, cfg: RunConfig,
         raise ConfigError(f"every final retrain seed of trial {best_trial.number} diverged: "
                           f"{'; '.join(best_result.failures)}")
     directory = Path(cfg.runs_dir) / study.study_name
-    outcome = Outcome(study, spec, dataset, directory, best_trial, results, weights=weights,
+    # everything is written to a fresh folder beside it, then moved into place at once
+    Path(cfg.runs_dir).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{study.study_name}.partial-", dir=cfg.runs_dir))
+    outcome = Outcome(study, spec, dataset, staging, best_trial, results, weights=weights,
                       options={"input_size": cfg.input_size} if weights else {})
+    try:
+        _write_run(outcome, cfg, params, epochs, batch_size, device, opened)
+        _publish(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone after the move; left by a failure
+    outcome.directory = directory
+    attach(outcome, opened or study._storage, cfg)
+    log.info("final model: %s", metrics_module.accuracy_line(outcome.test))
+    log.info("saved: %s (+ model.json, model.onnx, metrics.json, report.md)",
+             directory / "model.pt")
+    log.info("report: %s", directory / "report.html")
+    return outcome
+
+
+def _write_run(outcome: Outcome, cfg: RunConfig, params, epochs: int, batch_size: int,
+               device: torch.device, opened) -> None:
+    """The run folder's files, in outcome.directory."""
+    study, dataset, weights = outcome.study, outcome.dataset, outcome.weights
     _save_and_reload(outcome, params, epochs, batch_size)
     if weights is not None:
         outcome.backbone_ms = backbone_ms_per_image(weights, cfg.input_size, dataset.test.x,
                                                     device)
     outcome.other_studies = report_sections.gather_other_studies(study, opened or study._storage)
-    if spec.augments:
+    if outcome.spec.augments:
         outcome.augmentation = report_sections.gather_augmentation(study)
     write_figures(outcome)
     outcome.command = _reproduce_command(study, cfg)
-    title = f"Study {study.study_name}"
-    md, page = render.write(report_content.build(outcome), directory, title)
-    attach(outcome, opened or study._storage, cfg)
-    log.info("final model: %s", metrics_module.accuracy_line(outcome.test))
-    log.info("saved: %s (+ model.json, model.onnx, metrics.json, %s)",
-             directory / "model.pt", md.name)
-    log.info("report: %s", page)
-    return outcome
+    render.write(report_content.build(outcome), outcome.directory, f"Study {study.study_name}")
+
+
+def _publish(staging: Path, directory: Path) -> None:
+    """Move the finished folder `staging` to `directory`. A previous final run there is not
+    destroyed: it is renamed to <name>.previous-<time it was made>, and the log says so."""
+    if directory.exists():
+        made = time.strftime("%Y%m%d-%H%M%S", time.localtime(directory.stat().st_mtime))
+        kept = directory.with_name(f"{directory.name}.previous-{made}")
+        suffix = 1
+        while kept.exists():
+            kept = directory.with_name(f"{directory.name}.previous-{made}-{suffix}")
+            suffix += 1
+        directory.rename(kept)
+        log.info("the previous final run of this study is kept in %s", kept)
+    staging.rename(directory)
 
 
 def _study_weights(study: optuna.Study, cfg: RunConfig) -> VGGWeights:
@@ -233,7 +265,8 @@ def _save_and_reload(outcome: Outcome, params, epochs: int, batch_size: int) -> 
     outcome.model_info = {**loaded.info, "metrics": {
         "val_accuracy": run.val_accuracy, "test_accuracy": outcome.test["accuracy"],
         "macro_f1": outcome.test["macro_f1"], "n_test": outcome.test["n_test"]}}
-    meta.write_text(json.dumps(outcome.model_info, indent=2) + "\n")  # model.pt unchanged
+    # model.pt unchanged: its digest in model.json still holds
+    meta.write_text(json.dumps(outcome.model_info, indent=2) + "\n", encoding="utf-8")
     onnx_path = outcome.directory / "model.onnx"
     exporter = export.export_onnx(loaded.model, onnx_path, dataset.test.x[:2].float() / 255)
     outcome.onnx = {**export.check_onnx(onnx_path, loaded.model, dataset.test.x),
@@ -241,7 +274,7 @@ def _save_and_reload(outcome: Outcome, params, epochs: int, batch_size: int) -> 
     summary = {label: r.summary() for label, r in outcome.results.items()}
     (outcome.directory / "metrics.json").write_text(json.dumps(
         {**outcome.test, "model": "model.pt (reloaded)", "onnx_check": outcome.onnx,
-         "comparison": summary}, indent=2) + "\n")
+         "comparison": summary}, indent=2) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -265,3 +265,33 @@ def test_final_cli_rebuilds_the_run_settings_from_the_study(finished, tmp_path):
     assert info["training"]["epochs"] == cfg.epochs  # the searched epochs, not the default
     assert info["training"]["batch_size"] == cfg.batch_size
     assert len(info["training"]["seeds"]) == 1
+
+
+# Last in this module: it replaces the shared fixture's run folder.
+def test_a_second_final_keeps_the_first_and_a_failed_one_changes_nothing(finished,
+                                                                         monkeypatch):
+    cfg, study, _, directory = finished
+    runs = directory.parent
+    first = {name: sha256_of(directory / name) for name in FILES}
+    before = sorted(p.name for p in runs.iterdir())
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("disk full (simulated)")
+
+    monkeypatch.setattr(final_module.export, "export_onnx", broken_export)
+    with pytest.raises(RuntimeError, match="simulated"):
+        final_module.run_final(study, cfg)
+    assert {name: sha256_of(directory / name) for name in FILES} == first
+    assert sorted(p.name for p in runs.iterdir()) == before  # no partial folder
+    monkeypatch.undo()
+
+    final_module.run_final(study, cfg)
+    kept = [p for p in runs.iterdir() if p.name.startswith("mlp-digits.previous-")]
+    assert len(kept) == 1 and sorted(p.name for p in runs.iterdir()) == sorted(
+        [*before, kept[0].name])
+    assert {name: sha256_of(kept[0] / name) for name in FILES} == first
+    info = json.loads((directory / "model.json").read_text(encoding="utf-8"))
+    assert info["sha256"] == sha256_of(directory / "model.pt")  # one run's files, not a mix
+    assert load_model(directory / "model.pt").info["trial_number"] == study.best_trial.number
+    report = (directory / "report.md").read_bytes().decode("utf-8")
+    assert "±" in report or "—" in report or "x" in report  # written as UTF-8

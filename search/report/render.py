@@ -115,6 +115,6 @@ def to_html(blocks: list[Block], title: str) -> str:
 
 def write(blocks: list[Block], directory: Path, title: str) -> tuple[Path, Path]:
     md, page = directory / "report.md", directory / "report.html"
-    md.write_text(to_markdown(blocks, directory))
-    page.write_text(to_html(blocks, title))
+    md.write_text(to_markdown(blocks, directory), encoding="utf-8")
+    page.write_text(to_html(blocks, title), encoding="utf-8")
     return md, page
