@@ -29,6 +29,8 @@ def setup_logging() -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # we log each trial ourselves
+    # we log each trial ourselves, failures in one line with their reason (Optuna's own
+    # warning would add the traceback of every failed trial)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()

@@ -18,6 +18,8 @@ from search.errors import ConfigError
 SAMPLERS = ("tpe", "random", "qmc")
 PRUNERS = ("hyperband", "median", "none")
 
+TRIAL_SETTINGS = ("epochs", "batch_size", "sampler", "pruner", "seed")
+
 # Upper bounds: far above any real use, low enough that a typo (an extra 000) is caught
 # before hours are spent or memory is asked for.
 MAX_TRIALS = 100_000
@@ -33,7 +35,8 @@ STUDY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,99}")
 
 
 def _BOUNDS(cfg: RunConfig) -> tuple:  # noqa: N802 (a table)
-    return (("--n-trials", cfg.n_trials, MAX_TRIALS), ("--epochs", cfg.epochs, MAX_EPOCHS),
+    return (("--n-trials", cfg.n_trials, MAX_TRIALS), ("--max-trials", cfg.max_trials, MAX_TRIALS),
+            ("--epochs", cfg.epochs, MAX_EPOCHS),
             ("--batch-size", cfg.batch_size, MAX_BATCH_SIZE),
             ("--workers", cfg.workers, MAX_WORKERS),
             ("--final-seeds", cfg.final_seeds, MAX_FINAL_SEEDS))
@@ -54,7 +57,8 @@ class RunConfig:
     study: str
     data: str = "auto"
     data_dir: str | None = None
-    n_trials: int = 20
+    n_trials: int = 20  # trials this run adds
+    max_trials: int | None = None  # the study's total, across every run and machine
     timeout: float | None = None  # seconds for the search, across its trials
     epochs: int = 20  # per trial, and the maximum resource of the Hyperband pruner
     batch_size: int = 128  # fixed, not tuned: it is not a validation-score knob
@@ -92,6 +96,11 @@ class RunConfig:
                               f"{MAX_INPUT_SIZE}, got {self.input_size:,}")
         if self.study_name is not None:
             check_study_name(self.study_name)
+
+    def trial_settings(self) -> dict:
+        """What a trial's value depends on besides its params: each trial records these, so
+        resuming a study with other settings is visible, and replayable, trial by trial."""
+        return {key: getattr(self, key) for key in TRIAL_SETTINGS}
 
     def to_dict(self) -> dict:
         """For the study's user attributes: the storage URL's password is hidden."""

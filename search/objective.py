@@ -8,11 +8,14 @@ accuracy over its epochs. The test split is not given to this class at all.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 
 import optuna
 import torch
 
 import storage
+from search import budget
 from search.augment import AugmentCache
 from search.config import RunConfig, trial_seed
 from search.data import Dataset
@@ -28,6 +31,11 @@ log = logging.getLogger(__name__)
 
 class TrialOutOfMemory(Exception):
     """The trial's model or batch did not fit; the trial fails and the study goes on."""
+
+
+def worker_id(pid: int | None = None) -> str:
+    """host:pid of the process running a trial (its `worker` user attribute)."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
 
 
 # exceptions that fail one trial while the study goes on (study.optimize(catch=...))
@@ -78,6 +86,12 @@ class Objective:
                                                         self.n_classes)
 
     def __call__(self, trial: optuna.Trial) -> float:
+        # which process runs it: a parent whose worker died fails and retries its trial
+        trial.set_user_attr("worker", worker_id())
+        if budget.over_budget(trial.study, trial.number):
+            trial.set_user_attr(budget.OVER_BUDGET, True)
+            trial.study.stop()
+            raise optuna.TrialPruned("the study's --max-trials is used up")
         params = self.spec.suggest(trial)
         seed = trial_seed(self.cfg.seed, trial.number)
         torch.manual_seed(seed)  # weight init and dropout masks
@@ -94,6 +108,7 @@ class Objective:
         augment_seconds = self.augment.stats.seconds
         reference = trial.user_attrs.get("reference")
         trial.set_user_attr("seed", seed)
+        trial.set_user_attr("settings", self.cfg.trial_settings())
         trial.set_user_attr("epochs", self.cfg.epochs)
         trial.set_user_attr("batch_size", self.cfg.batch_size)
         trial.set_user_attr("device", str(self.device))

@@ -19,8 +19,8 @@ import torch
 from tqdm import tqdm
 
 import storage
+from search import budget, registry
 from search import data as data_module
-from search import registry
 from search.cli import Parser, setup_logging
 from search.config import PRUNERS, SAMPLERS, RunConfig, check_writable
 from search.data import Dataset
@@ -46,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="data set (default auto: mnist if found, else mnist-5k)")
     parser.add_argument("--data-dir", help="folder with IDX files / download target "
                         "(default $SEARCH_DATA_DIR or ./data)")
-    parser.add_argument("--n-trials", type=int, default=20, help="trials to add (default 20)")
+    parser.add_argument("--n-trials", type=int, default=20,
+                        help="trials this run adds to the study (default 20)")
+    parser.add_argument("--max-trials", type=int,
+                        help="the study's total across every run and machine, kept in the "
+                        "study: every machine stops there, and the final step runs once")
     parser.add_argument("--timeout", type=float, help="stop the search after this many seconds")
     parser.add_argument("--epochs", type=int, help="epochs per trial (default: the study's, "
                         "mlp 20, cnn 8)")
@@ -85,6 +89,7 @@ def config_from_args(argv: list[str] | None = None) -> RunConfig:
     spec = registry.get(args.study)
     return RunConfig(
         study=args.study, data=args.data, data_dir=args.data_dir, n_trials=args.n_trials,
+        max_trials=args.max_trials,
         timeout=args.timeout,
         epochs=spec.default_epochs if args.epochs is None else args.epochs,
         batch_size=args.batch_size,
@@ -150,15 +155,20 @@ def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, D
     log.info("study %r: %d trials so far; data %s (%d train / %d val, test held out) "
              "from %s; device %s", name, done, dataset.name, len(dataset.train),
              len(dataset.val), dataset.source, ", ".join(sorted(set(devices))))
-    reporter = TrialReporter(cfg.n_trials)
+    left = budget.remaining(study)
+    n_trials = cfg.n_trials if left is None else min(cfg.n_trials, left)
+    if left is not None:
+        log.info("study budget (--max-trials): %d of %d trials used, this run adds up to %d",
+                 budget.max_trials(study) - left, budget.max_trials(study), n_trials)
+    reporter = TrialReporter(n_trials)
     started = time.perf_counter()
     try:
-        if len(devices) > 1:
-            run_workers(study, cfg, devices, reporter)
-        else:
+        if n_trials and len(devices) > 1:
+            run_workers(study, cfg, devices[:n_trials], reporter)
+        elif n_trials:
             objective = Objective(spec, dataset, cfg, torch.device(devices[0]), weights)
-            study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout,
-                           callbacks=[reporter], catch=TRIAL_FAILURES)
+            study.optimize(objective, n_trials=n_trials, timeout=cfg.timeout,
+                           callbacks=[reporter, budget.StopAtBudget()], catch=TRIAL_FAILURES)
     finally:
         reporter.close()
     states = Counter(t.state.name for t in study.trials)
@@ -176,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)
         study, opened, dataset = search(cfg)
-        if cfg.final:
+        if cfg.final and budget.claim_final(study, opened):
             from search.final import run_final
 
             run_final(study, cfg, opened, dataset)

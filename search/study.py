@@ -13,7 +13,7 @@ import warnings
 
 import optuna
 
-from search.config import RunConfig, versions
+from search.config import RunConfig, trial_seed, versions
 from search.data import Dataset
 from search.errors import ConfigError
 from search.registry import StudySpec
@@ -31,27 +31,51 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
         if name == "tpe":
             # multivariate + group: models the widths jointly, per number of layers;
             # constant_liar: parallel workers do not all propose the same point
-            return optuna.samplers.TPESampler(
+            return TrialSeeded(optuna.samplers.TPESampler(
                 seed=seed, multivariate=True, group=True, n_startup_trials=TPE_STARTUP_TRIALS,
                 constant_liar=True,
-            )
+            ), seed)
         if name == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-        if name == "qmc":
+            return TrialSeeded(optuna.samplers.RandomSampler(seed=seed), seed)
+        if name == "qmc":  # indexes one scrambled sequence by trial number already
             return optuna.samplers.QMCSampler(seed=seed, scramble=True)
     raise ConfigError(f"unknown sampler {name!r}; choose tpe, random or qmc")
 
 
-def resumed_sampler(cfg: RunConfig, n_trials: int, worker: int = 0):
-    """The sampler for a run that finds `n_trials` in the study, as worker number `worker`.
+class TrialSeeded(optuna.samplers.BaseSampler):
+    """`inner`, its random state set from (study seed, trial number) before every trial.
 
-    The same seed would replay the random draws of an earlier run (TPE's startup trials,
-    every trial of random) or of another worker, and repeat their trials; the seed is offset
-    by both. QMC indexes one shared sequence by trial number, so it keeps the seed.
+    A sampler seeded once per process draws the same random points in every process that
+    starts with the same seed: two machines starting one study at the same instant, or a
+    resumed run replaying the last run's draws. Trial numbers are unique within a study, so
+    each trial's random draws are its own, and the same on every rerun of the same history.
     """
-    if cfg.sampler == "qmc":
-        return make_sampler("qmc", cfg.seed)
-    return make_sampler(cfg.sampler, cfg.seed + 7919 * n_trials + 104_729 * worker)
+
+    def __init__(self, inner: optuna.samplers.BaseSampler, seed: int) -> None:
+        self.inner, self.seed = inner, seed
+
+    def before_trial(self, study, trial) -> None:
+        state = trial_seed(self.seed, trial.number)
+        for holder in (self.inner, getattr(self.inner, "_random_sampler", None)):
+            rng = getattr(holder, "_rng", None)
+            if rng is not None:
+                rng.rng.seed(state)
+        self.inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
 
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
@@ -76,14 +100,13 @@ def open_study(cfg: RunConfig, spec: StudySpec, dataset: Dataset,
         storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
         sampler=make_sampler(cfg.sampler, cfg.seed), pruner=make_pruner(cfg.pruner, cfg.epochs),
     )
-    if study.trials:  # resuming: do not replay the last run's draws
-        study.sampler = resumed_sampler(cfg, len(study.trials))
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise ConfigError(f"study {study_name!r} exists and minimizes; pick another --study-name")
     attrs = study.user_attrs
     backbone = _backbone(cfg, weights)
     if "space_version" not in attrs:
         _initialize(study, cfg, spec, dataset, backbone)
+        _set_budget(study, cfg)
         return study
     expected = {"study": spec.name, "space_version": spec.space_version}
     for key, value in expected.items():
@@ -101,6 +124,7 @@ def open_study(cfg: RunConfig, spec: StudySpec, dataset: Dataset,
             f"(sha256 {str(made.get('weights', {}).get('sha256'))[:12]}...) at input size "
             f"{made.get('input_size')}; this run has {weights.kind} "
             f"({weights.sha256[:12]}...) at {cfg.input_size}; pass a new --study-name")
+    _warn_changed_settings(study, cfg)
     made = attrs.get("data", {})
     for key in ("dataset", "n_train", "n_val", "split_seed"):
         if made.get(key) != dataset.describe()[key]:
@@ -109,7 +133,32 @@ def open_study(cfg: RunConfig, spec: StudySpec, dataset: Dataset,
                 f"({key}={made.get(key)!r}), this run loaded {dataset.name} "
                 f"({key}={dataset.describe()[key]!r}); pass --study-name to keep them apart"
             )
+    _set_budget(study, cfg)
     return study
+
+
+def _set_budget(study: optuna.Study, cfg: RunConfig) -> None:
+    """Record --max-trials in the study (after every check passed: a refused run writes
+    nothing), where every machine reads it."""
+    made = study.user_attrs.get("max_trials")
+    if cfg.max_trials is None or made == cfg.max_trials:
+        return
+    if made is not None:
+        log.warning("study %r: --max-trials %d replaces its budget of %d trials",
+                    study.study_name, cfg.max_trials, made)
+    study.set_user_attr("max_trials", cfg.max_trials)
+
+
+def _warn_changed_settings(study: optuna.Study, cfg: RunConfig) -> None:
+    """Resuming with other epochs, batch size, sampler, pruner or seed is allowed, never
+    silent: one line here, each trial's `settings` attribute, and the report's table."""
+    made = study.user_attrs.get("config", {})
+    changed = [f"{key} {made[key]} -> {value}" for key, value in cfg.trial_settings().items()
+               if key in made and made[key] != value]
+    if changed:
+        log.warning("study %r was started with other settings (%s); each trial records its "
+                    "own, the final retrain uses the best trial's and the report lists them",
+                    study.study_name, ", ".join(changed))
 
 
 def _backbone(cfg: RunConfig, weights) -> dict:

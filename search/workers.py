@@ -2,8 +2,10 @@
 
 Each worker is a process of its own on one device: it loads the data once, opens the same
 storage and pulls trials from the same study until the run's budget (--n-trials more trials
-than the study had when the run started, counting running ones) is used up. The parent
-process logs each finished trial, as a single worker does, and runs the final step.
+than the study had when the run started, counting running ones; search.budget) is used up.
+The parent process logs each finished trial, as a single worker does, replaces a worker
+that dies (its trial failed and retried at once, not after a heartbeat's grace period), and
+runs the final step.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import sys
 import time
 import warnings
 from dataclasses import asdict
@@ -18,18 +21,18 @@ from dataclasses import asdict
 import optuna
 import torch
 
+import storage
+from search import budget
 from search.config import RunConfig
 from search.errors import ConfigError
 from search.train import resolve_device
 
 log = logging.getLogger(__name__)
 
-# states that use up the budget: a running trial will finish, so it counts already
-_BUDGET_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-                  optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING)
 _FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
              optuna.trial.TrialState.FAIL)
 POLL_S = 1.0  # how often the parent looks for finished trials
+STOP_WAIT_S = 30  # after Ctrl-C, how long workers get to record their trial as failed
 
 
 def plan_devices(cfg: RunConfig) -> list[str]:
@@ -45,80 +48,105 @@ def plan_devices(cfg: RunConfig) -> list[str]:
     return [cfg.device if cfg.device != "auto" else "cpu"] * count
 
 
-def budget_used(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=_BUDGET_STATES))
-
-
-class StopAtBudget:
-    """Callback: stop this worker once the study holds `target` finished or running trials."""
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if budget_used(study) >= self.target:
-            study.stop()
-
-
 def _worker(cfg_dict: dict, study_name: str, device: str, index: int, target: int,
             threads: int) -> None:
-    """Entry point of one worker process (spawned: nothing is inherited but arguments)."""
+    """Entry point of one worker process (spawned: nothing is inherited but arguments).
+    Exits 2 with one line on a configuration error and 130, silently, on Ctrl-C (the
+    parent prints the one line); its running trial is then failed, not left RUNNING."""
     import storage
     from search import data as data_module
     from search import registry
     from search.objective import TRIAL_FAILURES, Objective
-    from search.study import make_pruner, resumed_sampler
+    from search.study import make_pruner, make_sampler
 
     logging.basicConfig(level=logging.WARNING, format=f"worker {index}: %(message)s")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures: one line, by the parent
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     torch.set_num_threads(threads)
-    cfg = RunConfig(**cfg_dict)
-    study = optuna.load_study(study_name=study_name, storage=storage.open(cfg.storage))
-    study.sampler = resumed_sampler(cfg, len(study.trials), worker=index + 1)
-    study.pruner = make_pruner(cfg.pruner, cfg.epochs)
-    dataset = data_module.load(study.user_attrs["data"]["dataset"], cfg.data_dir)
-    objective = Objective(registry.get(cfg.study), dataset, cfg, torch.device(device))
-    if budget_used(study) < target:
-        study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout,
-                       callbacks=[StopAtBudget(target)], catch=TRIAL_FAILURES)
+    try:
+        cfg = RunConfig(**cfg_dict)
+        study = optuna.load_study(study_name=study_name, storage=storage.open(cfg.storage))
+        study.sampler = make_sampler(cfg.sampler, cfg.seed)  # seeded per trial number
+        study.pruner = make_pruner(cfg.pruner, cfg.epochs)
+        dataset = data_module.load(study.user_attrs["data"]["dataset"], cfg.data_dir)
+        objective = Objective(registry.get(cfg.study), dataset, cfg, torch.device(device))
+        if budget.budget_used(study) < target:
+            study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout,
+                           callbacks=[budget.StopAtBudget(target)], catch=TRIAL_FAILURES)
+    except ConfigError as exc:
+        print(f"worker {index}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def fail_and_retry(study: optuna.Study, pid: int) -> list[int]:
+    """Fail the RUNNING trials of the dead worker process `pid` on this machine and enqueue
+    each again (as heartbeats would, later, across machines); their numbers."""
+    from search.objective import worker_id
+
+    dead = worker_id(pid)
+    retry = optuna.storages.RetryFailedTrialCallback(max_retry=storage.MAX_RETRY)
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.user_attrs.get("worker") == dead:
+            if study._storage.set_trial_state_values(trial._trial_id,
+                                                     optuna.trial.TrialState.FAIL):
+                retry(study, study._storage.get_trial(trial._trial_id))
+                failed.append(trial.number)
+    return failed
 
 
 def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporter) -> None:
-    """Run the trials in one process per entry of `devices`; `reporter(study, trial)` sees
-    each finished trial. Raises ConfigError when every worker failed."""
-    target = budget_used(study) + cfg.n_trials
-    devices = devices[:cfg.n_trials]  # no worker without a trial to run
+    """Run this run's --n-trials in one process per entry of `devices`; `reporter(study,
+    trial)` sees each finished trial. A worker that dies (killed, out of host memory) has its
+    trial failed and retried, and is replaced while the budget is not used. Raises
+    ConfigError when every worker failed on its own configuration."""
+    target = budget.budget_used(study) + cfg.n_trials
     cpu_workers = sum(1 for d in devices if d == "cpu")
     threads = max(1, (os.cpu_count() or 1) // max(1, cpu_workers))
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used after fork
-    processes = [
-        context.Process(target=_worker, name=f"search-worker-{i}",
-                        args=(asdict(cfg), study.study_name, device, i, target, threads))
-        for i, device in enumerate(devices)
-    ]
-    log.info("%d workers on %s, until the study holds %d trials", len(processes),
+
+    def start(slot: int):
+        process = context.Process(target=_worker, name=f"search-worker-{slot}", args=(
+            asdict(cfg), study.study_name, devices[slot], slot, target, threads))
+        process.start()
+        return process
+
+    log.info("%d workers on %s, until the study holds %d trials", len(devices),
              ", ".join(devices), target)
     seen = {t.number for t in study.get_trials(deepcopy=False, states=_FINISHED)}
-    for process in processes:
-        process.start()
+    processes = [start(slot) for slot in range(len(devices))]
+    replacements = 2 * len(devices)  # a worker that dies at every start is not restarted forever
+    config_errors = 0
     try:
-        while True:
-            alive = any(p.is_alive() for p in processes)
+        while any(p is not None for p in processes):
+            for slot, process in enumerate(processes):
+                if process is None or process.is_alive():
+                    continue
+                process.join()
+                processes[slot] = None
+                if process.exitcode == 2:
+                    config_errors += 1
+                elif process.exitcode != 0:
+                    retried = fail_and_retry(study, process.pid)
+                    log.warning("%s died (exit code %s)%s", process.name, process.exitcode,
+                                f"; trial {', '.join(map(str, retried))} failed and retried"
+                                if retried else "")
+                    if budget.budget_used(study) < target and replacements > 0:
+                        replacements -= 1
+                        processes[slot] = start(slot)
             for trial in study.get_trials(deepcopy=False, states=_FINISHED):
                 if trial.number not in seen:
                     seen.add(trial.number)
                     reporter(study, trial)
-            if not alive:
-                break
             time.sleep(POLL_S)
-    finally:
+    finally:  # Ctrl-C: workers got it too; they fail their trial and exit by themselves
         for process in processes:
-            if process.is_alive():
-                process.terminate()
-            process.join()
-    failed = [(p.name, p.exitcode) for p in processes if p.exitcode != 0]
-    for name, code in failed:
-        log.warning("%s exited with code %s (its message is above)", name, code)
-    if failed and len(failed) == len(processes):
+            if process is not None:
+                process.join(STOP_WAIT_S)
+                if process.is_alive():
+                    process.terminate()
+                    process.join()
+    if config_errors == len(devices):
         raise ConfigError("every worker failed; see their messages above")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections import Counter
 from datetime import timedelta
@@ -98,6 +99,26 @@ def _time_spent(study: optuna.Study) -> str:
             f"{wall.total_seconds():.0f} s from first trial start to last trial end")
 
 
+def mixed_settings(study: optuna.Study, best_trial) -> list[Block]:
+    """A table of the settings trials ran with, when runs of this study used several
+    (resumed with other --epochs, --batch-size, --sampler, --pruner or --seed)."""
+    groups: dict[str, list[int]] = {}
+    for trial in study.get_trials(deepcopy=False):
+        if "settings" in trial.user_attrs:
+            key = json.dumps(trial.user_attrs["settings"], sort_keys=True)
+            groups.setdefault(key, []).append(trial.number)
+    if len(groups) < 2:
+        return []
+    names = list(json.loads(next(iter(groups))))
+    rows = [[*(_fmt(json.loads(key).get(n, "?")) for n in names), str(len(numbers)),
+             f"{numbers[0]}-{numbers[-1]}"] for key, numbers in groups.items()]
+    best = best_trial.user_attrs.get("settings", {})
+    return [Text("**Mixed settings.** Runs of this study used different settings, so trials "
+                 "are not all comparable; the final retrain used the best trial's own ("
+                 + ", ".join(f"{k} {v}" for k, v in best.items()) + ")."),
+            Table([*names, "trials", "numbers"], rows)]
+
+
 def build(outcome) -> list[Block]:
     study, ds, results = outcome.study, outcome.dataset, outcome.results
     best_trial, test = outcome.best_trial, outcome.test
@@ -146,14 +167,16 @@ def build(outcome) -> list[Block]:
         Text(f"{sum(states.values())} trials: "
              + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
              + f". Sampler {config.get('sampler', '?')}, pruner {config.get('pruner', '?')}, "
-             f"{config.get('epochs', '?')} epochs per trial, objective: best validation "
-             f"accuracy over a trial's epochs. Time: {_time_spent(study)}."
+             f"{config.get('epochs', '?')} epochs per trial (as the study was started), "
+             "objective: best validation accuracy over a trial's epochs. Time: "
+             f"{_time_spent(study)}."
              + (" Training precision and layout: " + ", ".join(
                  f"{speed} ({n} trials)" for speed, n in speeds.most_common()) + "."
                 if speeds else "")),
         Table(["parameter", "searched over"],
               [[name, describe_distribution(d)] for name, d in search_space(study).items()]),
     ]
+    blocks += mixed_settings(study, best_trial)
     failures = Counter(t.user_attrs["failure"].split(" in epoch")[0]
                        for t in study.get_trials(deepcopy=False) if "failure" in t.user_attrs)
     if failures:
