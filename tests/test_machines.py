@@ -1,0 +1,145 @@
+"""Several machines on one study, killed workers, Ctrl-C, and resuming with other settings.
+
+"Machines" are real `python -m search.run` processes sharing one PostgreSQL study (the
+README's recipe); "workers" are the processes of one `--workers 2` run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from search import budget
+from search.config import RunConfig
+from search.final import run_final
+from search.run import search
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--study", "mlp", "--data", "digits", "--device", "cpu"]
+
+
+def _start(args, cwd, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "search.run", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_machines_share_one_budget_draw_apart_and_finalize_once(postgres_url, study_name,
+                                                                tmp_path):
+    machines = [_start([*TINY, "--storage", postgres_url, "--study-name", study_name,
+                        "--n-trials", "50", "--max-trials", "9", "--epochs", "2",
+                        "--final-seeds", "1", "--runs-dir", str(tmp_path / f"runs{i}"),
+                        "--artifact-dir", str(tmp_path / "artifacts")], cwd=tmp_path)
+                for i in range(3)]
+    outputs = [m.communicate(timeout=600) for m in machines]
+    for machine, (_, err) in zip(machines, outputs, strict=True):
+        assert machine.returncode == 0, err
+    study = optuna.load_study(study_name=study_name, storage=postgres_url)
+    assert budget.budget_used(study) == 9  # exactly, though 3 machines each asked for 50
+    trials = study.get_trials()
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    counted = [t for t in trials if not t.user_attrs.get(budget.OVER_BUDGET)]
+    drawn = [tuple(sorted(t.params.items())) for t in counted]
+    assert len(set(drawn)) == len(drawn)  # no two machines drew the same trial
+    finals = [err for _, err in outputs if "final model: test accuracy" in err]
+    assert len(finals) == 1, [err[-500:] for _, err in outputs]
+    assert sum("final step:" in err for _, err in outputs) == 2
+    assert len([p for p in tmp_path.glob("runs*/" + study_name) if p.is_dir()]) == 1
+
+
+def test_a_killed_worker_is_failed_retried_and_replaced(tmp_path):
+    run = _start([*TINY, "--n-trials", "5", "--epochs", "60", "--workers", "2", "--no-final"],
+                 cwd=tmp_path, start_new_session=True)
+    storage_url = f"sqlite:///{tmp_path / 'studies.db'}"
+    victim = None
+    deadline = time.monotonic() + 300
+    while victim is None and time.monotonic() < deadline:  # a worker in the middle of a trial
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name="mlp-digits", storage=storage_url)
+            running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        except Exception:  # the study is not created yet
+            continue
+        workers = [t.user_attrs.get("worker", "") for t in running]
+        victim = next((int(w.split(":")[1]) for w in workers if w), None)
+    assert victim is not None, "no trial started"
+    os.kill(victim, signal.SIGKILL)
+    _, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err
+    assert "died (exit code -9); trial" in err and "failed and retried" in err
+    assert "Traceback" not in err
+    study = optuna.load_study(study_name="mlp-digits", storage=storage_url)
+    trials = study.get_trials()
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) == 1
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == failed[0].number]
+    assert len(retries) == 1 and retries[0].state in (optuna.trial.TrialState.COMPLETE,
+                                                      optuna.trial.TrialState.PRUNED)
+    assert budget.budget_used(study) >= 5  # the run reached its budget all the same
+
+
+def test_ctrl_c_stops_every_worker_in_one_line_and_the_next_run_resumes(tmp_path):
+    run = _start([*TINY, "--n-trials", "6", "--epochs", "60", "--workers", "2", "--no-final"],
+                 cwd=tmp_path, start_new_session=True)
+    storage_url = f"sqlite:///{tmp_path / 'studies.db'}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name="mlp-digits", storage=storage_url)
+            if len(study.get_trials(states=(optuna.trial.TrialState.RUNNING,))) == 2:
+                break
+        except Exception:
+            continue
+    os.killpg(run.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C: the whole group
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if "interrupted" in line] == [
+        "interrupted: finished trials are saved; run the same command to resume"]
+    study = optuna.load_study(study_name="mlp-digits", storage=storage_url)
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    before = len(study.trials)
+    again = _start([*TINY, "--n-trials", "2", "--epochs", "2", "--no-final"], cwd=tmp_path)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert f"{before} trials so far" in err
+
+
+def test_resuming_with_other_settings_is_recorded_warned_and_reported(tmp_path, caplog):
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    first = RunConfig(study="mlp", data="digits", n_trials=3, epochs=1, storage=url,
+                      runs_dir=str(tmp_path / "runs"), final_seeds=1)
+    search(first)
+    second = RunConfig(**{**first.__dict__, "epochs": 3, "batch_size": 64})
+    study, opened, dataset = search(second)
+    assert "was started with other settings (epochs 1 -> 3, batch_size 128 -> 64)" in caplog.text
+    settings = {t.number: t.user_attrs["settings"] for t in study.trials}
+    assert {s["epochs"] for s in settings.values()} == {1, 3}
+    outcome = run_final(study, second, opened, dataset)
+    best = study.best_trial.user_attrs["settings"]
+    assert outcome.model_info["training"]["epochs"] == best["epochs"]
+    assert outcome.model_info["training"]["batch_size"] == best["batch_size"]
+    report = (Path(second.runs_dir) / "mlp-digits" / "report.md").read_text(encoding="utf-8")
+    assert "**Mixed settings.**" in report and "| 64 |" in report
+
+
+def test_the_budget_counts_a_retried_trial_once():
+    study = optuna.create_study()
+    study.set_user_attr("max_trials", 3)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    failed = study.ask()
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    assert budget.budget_used(study) == 3 and budget.remaining(study) == 0
+    optuna.storages.RetryFailedTrialCallback()(study, study.trials[-1])
+    assert budget.budget_used(study) == 2  # the failed one gives its place to its retry
+    assert not budget.over_budget(study, study.ask().number)  # the retry runs
+    assert budget.over_budget(study, study.ask().number)  # one more would not
