@@ -57,6 +57,9 @@ class ConfigResult:
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             return {"mean": statistics.fmean(values), "std": spread, "values": values}
 
+        if not self.runs:  # every seed diverged: what there is to say, no statistics
+            return {"label": self.label, "n_parameters": self.n_parameters, "seeds": [],
+                    "diverged": True, "failures": self.failures}
         return {
             "label": self.label,
             "n_parameters": self.n_parameters,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -295,3 +296,21 @@ def test_a_second_final_keeps_the_first_and_a_failed_one_changes_nothing(finishe
     assert load_model(directory / "model.pt").info["trial_number"] == study.best_trial.number
     report = (directory / "report.md").read_bytes().decode("utf-8")
     assert "±" in report or "—" in report or "x" in report  # written as UTF-8
+
+
+def test_a_reference_that_diverges_on_every_seed_is_reported_not_fatal(tmp_path, monkeypatch):
+    from search import registry
+
+    spec = registry.get("mlp")
+    exploding = dataclasses.replace(spec.references["seed"], optimizer="sgd", lr=1e12)
+    patched = dataclasses.replace(spec, references={**spec.references, "seed": exploding})
+    monkeypatch.setattr(registry, "STUDIES", {**registry.STUDIES, "mlp": patched})
+    cfg = RunConfig(study="mlp", data="digits", n_trials=1, epochs=2, final_seeds=2,
+                    storage=f"sqlite:///{tmp_path / 'studies.db'}", runs_dir=str(tmp_path))
+    study, opened, dataset = search(cfg)  # trial 0 is the lecture net, which trains
+    outcome = final_module.run_final(study, cfg, opened, dataset)
+    assert not outcome.results["seed net"].runs and outcome.results["seed net"].failures
+    report = (tmp_path / "mlp-digits" / "report.md").read_text(encoding="utf-8")
+    assert "diverged" in report
+    metrics = json.loads((tmp_path / "mlp-digits" / "metrics.json").read_text())
+    assert metrics["comparison"]["seed net"]["seeds"] == []
