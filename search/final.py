@@ -26,7 +26,6 @@ import torch
 
 import storage
 from search import augment as augment_module
-from search import data as data_module
 from search import export, registry
 from search import metrics as metrics_module
 from search.cli import Parser, setup_logging
@@ -43,6 +42,7 @@ from search.report import sections as report_sections
 from search.report.dashboard import attach
 from search.report.figures import write_figures
 from search.retrain import ConfigResult, retrain
+from search.study import config_of_study, load_existing, load_study_data
 from search.train import predict_scores, resolve_device
 
 log = logging.getLogger(__name__)
@@ -71,20 +71,6 @@ class Outcome:
     weights: VGGWeights | None = None  # a frozen backbone's (vgg16)
     options: dict = field(default_factory=dict)  # builder options saved in model.json
     backbone_ms: float | None = None  # per image, of the frozen part (vgg16)
-
-
-def _load_matching_data(study: optuna.Study, cfg: RunConfig,
-                        dataset: Dataset | None = None) -> Dataset:
-    made = study.user_attrs.get("data", {})
-    if dataset is None:
-        dataset = data_module.load(made.get("dataset", cfg.data), cfg.data_dir)
-    now = dataset.describe()
-    for key in ("dataset", "n_train", "n_val", "n_test", "split_seed"):
-        if made and made.get(key) != now[key]:
-            raise ConfigError(f"study {study.study_name!r} was searched on {made.get('dataset')}"
-                              f" with {key}={made.get(key)!r}; the data found now has "
-                              f"{now[key]!r}; point --data-dir at the same files")
-    return dataset
 
 
 def _reproduce_command(study: optuna.Study, cfg: RunConfig) -> str:
@@ -123,7 +109,7 @@ def run_final(study: optuna.Study, cfg: RunConfig,
         raise ConfigError(f"study {study.study_name!r} has no completed trial to retrain; "
                           "run more trials first")
     best_trial = study.best_trial
-    dataset = _load_matching_data(study, cfg, dataset)
+    dataset = load_study_data(study, cfg, dataset)
     device = resolve_device(cfg.device)
     params = spec.suggest(optuna.trial.FixedTrial(best_trial.params))
     epochs = int(best_trial.user_attrs.get("epochs", cfg.epochs))
@@ -289,30 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifact-dir")
     args = parser.parse_args(argv)
     try:
-        storage.check(args.storage)
-        path = storage.sqlite_path(args.storage)
-        if path is not None and not path.is_file():
-            raise ConfigError(f"no database {path}: run `python -m search.run` first, or "
-                              "pass the --storage it used")
-        opened = storage.open(args.storage)
-        try:
-            study = optuna.load_study(study_name=args.study_name, storage=opened)
-        except KeyError:
-            names = [s.study_name for s in optuna.get_all_study_summaries(opened)]
-            raise ConfigError(f"no study {args.study_name!r} in {storage.shown(args.storage)}; "
-                              "studies there: "
-                              f"{', '.join(names) or 'none'}") from None
-        # the run's own settings (seed, epochs, batch size, data), as saved with the study;
-        # RunConfig's defaults for a study that saved none
-        known = {f.name for f in dataclasses.fields(RunConfig)}
-        made = {k: v for k, v in study.user_attrs.get("config", {}).items() if k in known}
-        cfg = RunConfig(**{
-            **made, "study": study.user_attrs.get("study", "mlp"),
-            "data_dir": args.data_dir or made.get("data_dir"), "storage": args.storage,
-            "study_name": args.study_name, "device": args.device,
-            "final_seeds": args.final_seeds, "runs_dir": args.runs_dir,
-            "artifact_dir": args.artifact_dir,
-        })
+        study, opened = load_existing(args.storage, args.study_name)
+        cfg = config_of_study(study, storage=args.storage, device=args.device,
+                              data_dir=args.data_dir, final_seeds=args.final_seeds,
+                              runs_dir=args.runs_dir, artifact_dir=args.artifact_dir)
         run_final(study, cfg, opened)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

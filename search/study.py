@@ -7,12 +7,15 @@ its first trials. Resuming checks that the data and the space are the ones it wa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import warnings
 
 import optuna
 
+import storage as storage_module
+from search import data as data_module
 from search.config import RunConfig, trial_seed, versions
 from search.data import Dataset
 from search.errors import ConfigError
@@ -206,3 +209,48 @@ def best_value(study: optuna.Study) -> float | None:
         return study.best_value
     except ValueError:  # no completed trial yet
         return None
+
+
+def load_existing(url: str, study_name: str) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
+    """(study, storage) of a study that must exist (search.final, search.replay); creates
+    nothing. Raises ConfigError naming the studies there when it does not."""
+    storage_module.check(url)
+    path = storage_module.sqlite_path(url)
+    if path is not None and not path.is_file():
+        raise ConfigError(f"no database {path}: run `python -m search.run` first, or pass the "
+                          "--storage it used")
+    opened = storage_module.open(url)
+    try:
+        return optuna.load_study(study_name=study_name, storage=opened), opened
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(opened)]
+        raise ConfigError(f"no study {study_name!r} in {storage_module.shown(url)}; studies "
+                          f"there: {', '.join(names) or 'none'}") from None
+
+
+def config_of_study(study: optuna.Study, **overrides) -> RunConfig:
+    """The RunConfig the study was started with (its `config` attribute; RunConfig's defaults
+    for a study that saved none), with `overrides` (None values are left out)."""
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    made = {k: v for k, v in study.user_attrs.get("config", {}).items() if k in known}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "data_dir" not in given and made.get("data_dir"):
+        given["data_dir"] = made["data_dir"]
+    return RunConfig(**{**made, "study": study.user_attrs.get("study", "mlp"),
+                        "study_name": study.study_name, **given})
+
+
+def load_study_data(study: optuna.Study, cfg: RunConfig,
+                      dataset: Dataset | None = None) -> Dataset:
+    """The data `study` was searched on (`dataset` when the caller loaded it already).
+    Raises ConfigError when what is found now differs from what the study recorded."""
+    made = study.user_attrs.get("data", {})
+    if dataset is None:
+        dataset = data_module.load(made.get("dataset", cfg.data), cfg.data_dir)
+    now = dataset.describe()
+    for key in ("dataset", "n_train", "n_val", "n_test", "split_seed"):
+        if made and made.get(key) != now[key]:
+            raise ConfigError(f"study {study.study_name!r} was searched on {made.get('dataset')}"
+                              f" with {key}={made.get(key)!r}; the data found now has "
+                              f"{now[key]!r}; point --data-dir at the same files")
+    return dataset

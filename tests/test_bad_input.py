@@ -25,6 +25,7 @@ import torch
 import storage
 from search import evaluate as evaluate_module
 from search import final as final_module
+from search import replay as replay_module
 from search import run as run_module
 from search.export import sha256_of
 from tests.test_data import write_mnist_dir
@@ -260,6 +261,15 @@ ROWS = [
         setup=_study_db),
     Row("final: storage", ["--study-name", "x", "--storage", "sqlite:///studies.db"],
         "is not an SQLite database", _write("studies.db", b"\x00" * 4096), cli="final"),
+    # search.replay
+    Row("replay: no database", ["--study-name", "x", "--trial", "0"], "no database",
+        cli="replay"),
+    Row("replay: no such trial", ["--study-name", "mlp-digits", "--trial", "7"],
+        "has no trial 7", cli="replay", setup=_study_db),
+    Row("replay: trial not a number", ["--study-name", "x", "--trial", "last"],
+        "invalid int value", cli="replay"),
+    Row("replay: device", ["--study-name", "mlp-digits", "--trial", "0", "--device", "tpu"],
+        "--device", cli="replay", setup=_study_db),
     # search.evaluate: model.pt / model.json truncated, mismatched, unsafe
     Row("model missing", ["model/model.pt"], "no such file", cli="evaluate"),
     Row("model truncated", ["model/model.pt"], "sha256", _model(_truncate("model.pt")),
@@ -299,7 +309,8 @@ def saved_model(tmp_path_factory):
     return SAVED_MODEL
 
 
-MAINS = {"run": run_module.main, "final": final_module.main, "evaluate": evaluate_module.main}
+MAINS = {"run": run_module.main, "final": final_module.main, "evaluate": evaluate_module.main,
+         "replay": replay_module.main}
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])

@@ -143,3 +143,24 @@ def test_the_budget_counts_a_retried_trial_once():
     assert budget.budget_used(study) == 2  # the failed one gives its place to its retry
     assert not budget.over_budget(study, study.ask().number)  # the retry runs
     assert budget.over_budget(study, study.ask().number)  # one more would not
+
+
+def test_replay_retrains_a_trial_to_its_stored_value(tmp_path, capsys):
+    from search import replay as replay_module
+
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    cfg = RunConfig(study="mlp", data="digits", n_trials=6, epochs=3, storage=url,
+                    final=False, pruner="median")
+    study, _, _ = search(cfg)
+    for trial in study.trials:
+        if trial.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
+            stored, value, _ = replay_module.replay(study, trial.number)
+            assert value == stored, trial.number
+    capsys.readouterr()
+    assert replay_module.main(["--storage", url, "--study-name", "mlp-digits",
+                               "--trial", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("trial 3 (") and out.strip().endswith(": equal")
+    assert replay_module.main(["--storage", url, "--study-name", "mlp-digits",
+                               "--trial", "99"]) == 2
+    assert "has no trial 99" in capsys.readouterr().err
