@@ -23,6 +23,8 @@ from search.registry import StudySpec
 
 log = logging.getLogger(__name__)
 
+INIT_WAIT_S = 10  # how long a machine waits for another that is creating the same study
+
 # TPE's own random start; the enqueued reference configs count towards it.
 TPE_STARTUP_TRIALS = 8
 
@@ -99,13 +101,25 @@ def open_study(cfg: RunConfig, spec: StudySpec, dataset: Dataset,
     """Create the study or resume it. Raises ConfigError when an existing study of that name
     was made for other data, another study, another version of the space or (vgg16) other
     backbone weights or input size."""
-    study = optuna.create_study(
-        storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
-        sampler=make_sampler(cfg.sampler, cfg.seed), pruner=make_pruner(cfg.pruner, cfg.epochs),
-    )
+    sampler, pruner = make_sampler(cfg.sampler, cfg.seed), make_pruner(cfg.pruner, cfg.epochs)
+    try:
+        study = optuna.create_study(storage=storage, study_name=study_name,
+                                    direction="maximize", sampler=sampler, pruner=pruner)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:  # resuming, or another machine made it
+        study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler,
+                                  pruner=pruner)
+        created = False
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise ConfigError(f"study {study_name!r} exists and minimizes; pick another --study-name")
     attrs = study.user_attrs
+    if not created and "space_version" not in attrs:
+        # only the machine that created the study initializes it (and enqueues the reference
+        # configs once); one that started at the same instant waits for it to finish
+        deadline = time.monotonic() + INIT_WAIT_S
+        while "space_version" not in attrs and time.monotonic() < deadline:
+            time.sleep(0.2)
+            attrs = study.user_attrs
     backbone = _backbone(cfg, weights)
     if "space_version" not in attrs:
         _initialize(study, cfg, spec, dataset, backbone)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict
@@ -32,7 +34,6 @@ log = logging.getLogger(__name__)
 _FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
              optuna.trial.TrialState.FAIL)
 POLL_S = 1.0  # how often the parent looks for finished trials
-STOP_WAIT_S = 30  # after Ctrl-C, how long workers get to record their trial as failed
 
 
 def plan_devices(cfg: RunConfig) -> list[str]:
@@ -51,14 +52,16 @@ def plan_devices(cfg: RunConfig) -> list[str]:
 def _worker(cfg_dict: dict, study_name: str, device: str, index: int, target: int,
             threads: int) -> None:
     """Entry point of one worker process (spawned: nothing is inherited but arguments).
-    Exits 2 with one line on a configuration error and 130, silently, on Ctrl-C (the
-    parent prints the one line); its running trial is then failed, not left RUNNING."""
+    Exits 2 with one line on a configuration error. Ctrl-C is the parent's to handle."""
     import storage
     from search import data as data_module
     from search import registry
     from search.objective import TRIAL_FAILURES, Objective
     from search.study import make_pruner, make_sampler
 
+    # Ctrl-C reaches the whole process group; the parent alone handles it (it stops the
+    # workers and fails their trials), so no worker prints a KeyboardInterrupt traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format=f"worker {index}: %(message)s")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures: one line, by the parent
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -76,23 +79,25 @@ def _worker(cfg_dict: dict, study_name: str, device: str, index: int, target: in
     except ConfigError as exc:
         print(f"worker {index}: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
 
 
-def fail_and_retry(study: optuna.Study, pid: int) -> list[int]:
-    """Fail the RUNNING trials of the dead worker process `pid` on this machine and enqueue
-    each again (as heartbeats would, later, across machines); their numbers."""
+def fail_and_retry(study: optuna.Study, pid: int, retry: bool = True) -> list[int]:
+    """Fail the RUNNING trials of the dead worker process `pid` on this machine and (unless
+    `retry` is False) enqueue each again, as heartbeats would, later, across machines; their
+    numbers."""
     from search.objective import worker_id
 
     dead = worker_id(pid)
-    retry = optuna.storages.RetryFailedTrialCallback(max_retry=storage.MAX_RETRY)
+    with warnings.catch_warnings():  # Optuna 4.9 renamed it; the old name still works
+        warnings.simplefilter("ignore")
+        again = optuna.storages.RetryFailedTrialCallback(max_retry=storage.MAX_RETRY)
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if trial.user_attrs.get("worker") == dead:
             if study._storage.set_trial_state_values(trial._trial_id,
                                                      optuna.trial.TrialState.FAIL):
-                retry(study, study._storage.get_trial(trial._trial_id))
+                if retry:
+                    again(study, study._storage.get_trial(trial._trial_id))
                 failed.append(trial.number)
     return failed
 
@@ -117,10 +122,13 @@ def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporte
              ", ".join(devices), target)
     seen = {t.number for t in study.get_trials(deepcopy=False, states=_FINISHED)}
     processes = [start(slot) for slot in range(len(devices))]
+    pids = [p.pid for p in processes]
     replacements = 2 * len(devices)  # a worker that dies at every start is not restarted forever
     config_errors = 0
+    interrupted = threading.Event()  # Ctrl-C: a flag, so it never lands inside a library call
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
     try:
-        while any(p is not None for p in processes):
+        while any(p is not None for p in processes) and not interrupted.is_set():
             for slot, process in enumerate(processes):
                 if process is None or process.is_alive():
                     continue
@@ -136,17 +144,21 @@ def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporte
                     if budget.budget_used(study) < target and replacements > 0:
                         replacements -= 1
                         processes[slot] = start(slot)
+                        pids.append(processes[slot].pid)
             for trial in study.get_trials(deepcopy=False, states=_FINISHED):
                 if trial.number not in seen:
                     seen.add(trial.number)
                     reporter(study, trial)
             time.sleep(POLL_S)
-    finally:  # Ctrl-C: workers got it too; they fail their trial and exit by themselves
+    finally:
+        signal.signal(signal.SIGINT, previous)
         for process in processes:
-            if process is not None:
-                process.join(STOP_WAIT_S)
-                if process.is_alive():
-                    process.terminate()
-                    process.join()
+            if process is not None and process.is_alive():
+                process.terminate()  # SIGTERM's default action: gone, nothing printed
+                process.join()
+    if interrupted.is_set():
+        for pid in pids:  # their running trials are failed now, not left RUNNING
+            fail_and_retry(study, pid, retry=False)
+        raise KeyboardInterrupt
     if config_errors == len(devices):
         raise ConfigError("every worker failed; see their messages above")

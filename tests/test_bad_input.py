@@ -143,11 +143,8 @@ def _widths_changed(folder: Path) -> None:
 
 # --- the table -------------------------------------------------------------------------------
 
-NUMERIC = {  # flag: (value, what the line says), beyond the rows every flag gets
-    "--n-trials": "--n-trials", "--timeout": "--timeout", "--epochs": "--epochs",
-    "--batch-size": "--batch-size", "--seed": "--seed", "--workers": "--workers",
-    "--final-seeds": "--final-seeds", "--input-size": "--input-size",
-}
+NUMERIC = ("--n-trials", "--max-trials", "--timeout", "--epochs", "--batch-size", "--seed",
+           "--workers", "--final-seeds", "--input-size")
 
 
 def _numeric_rows() -> list[Row]:

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import optuna
-import pytest
 
 from search import budget
 from search.config import RunConfig
@@ -164,3 +163,38 @@ def test_replay_retrains_a_trial_to_its_stored_value(tmp_path, capsys):
     assert replay_module.main(["--storage", url, "--study-name", "mlp-digits",
                                "--trial", "99"]) == 2
     assert "has no trial 99" in capsys.readouterr().err
+
+
+def test_an_out_of_memory_trial_is_one_log_line_and_the_run_goes_on(tmp_path, monkeypatch,
+                                                                   capsys):
+    import dataclasses
+
+    import torch
+
+    from search import registry
+    from search.run import main
+
+    spec = registry.get("mlp")
+    builds = []
+
+    class Exhausted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    def build(params, *args, **kwargs):
+        built = spec.build(params, *args, **kwargs)
+        builds.append(params)
+        return dataclasses.replace(built, model=Exhausted()) if len(builds) == 2 else built
+
+    monkeypatch.setattr(registry, "STUDIES",
+                        {**registry.STUDIES, "mlp": dataclasses.replace(spec, build=build)})
+    assert main([*TINY, "--n-trials", "3", "--epochs", "1", "--no-final"]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "80.00 GiB" in err
+    lines = [line for line in err.splitlines() if "out of memory" in line]
+    assert len(lines) == 1 and "trial 1 FAIL" in lines[0]
+    assert "trial 2 COMPLETE" in err
