@@ -11,6 +11,7 @@ artifacts with a study note for optuna-dashboard.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import shlex
@@ -85,10 +86,25 @@ def _reproduce_command(study: optuna.Study, cfg: RunConfig) -> str:
            "--n-trials", str(len(study.trials)), "--final-seeds", str(cfg.final_seeds)]
     redo = ["python", "-m", "search.final", "--storage", storage.shown(cfg.storage),
             "--study-name", study.study_name, "--final-seeds", str(cfg.final_seeds)]
+    replay = ["python", "-m", "search.replay", "--storage", storage.shown(cfg.storage),
+              "--study-name", study.study_name, "--trial", str(study.best_trial.number)]
+    devices = {t.user_attrs.get("device", "?") for t in study.trials} - {"?"}
+    gpu = any(d.startswith("cuda") for d in devices)
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in study.trials
+                   if t.datetime_start and t.datetime_complete)
+    parallel = any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans))
     directory = Path(cfg.runs_dir) / study.study_name
     return "\n".join([
-        "# the whole search (TPE resumed across runs is not bit-for-bit repeatable):",
+        "# the whole search: the same trials only for a study run once, by one worker",
+        "# (TPE's proposals depend on which trials had finished; resumed or parallel runs",
+        "# do not repeat them):",
         shlex.join(run),
+        "# the best trial again, from its stored params, seed and settings; equal to its",
+        "# stored value on the CPU with one worker"
+        + ("; this study ran on a GPU, whose kernels differ run to run" if gpu else "")
+        + ("; trials of this study ran in parallel, in workers sharing the cores (other "
+           "thread counts sum in another order)" if parallel else "") + ":",
+        shlex.join(replay),
         "# only this final step, from the stored study:",
         shlex.join(redo),
         "# evaluate the saved model again:",

@@ -295,7 +295,9 @@ def test_a_second_final_keeps_the_first_and_a_failed_one_changes_nothing(finishe
     assert info["sha256"] == sha256_of(directory / "model.pt")  # one run's files, not a mix
     assert load_model(directory / "model.pt").info["trial_number"] == study.best_trial.number
     report = (directory / "report.md").read_bytes().decode("utf-8")
-    assert "±" in report or "—" in report or "x" in report  # written as UTF-8
+    assert "±" in report  # written as UTF-8
+    assert f"search.replay --storage sqlite:///{runs.parent}" in report
+    assert "equal to its\n# stored value on the CPU with one worker" in report
 
 
 def test_a_reference_that_diverges_on_every_seed_is_reported_not_fatal(tmp_path, monkeypatch):
