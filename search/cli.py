@@ -26,6 +26,8 @@ class _TqdmHandler(logging.Handler):
 def setup_logging() -> None:
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    # alembic (under Optuna's RDB storage) re-reads its logging config and lists its plugins
+    handler.addFilter(lambda r: r.levelno >= logging.WARNING or not r.name.startswith("alembic"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
