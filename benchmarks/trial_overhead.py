@@ -1,0 +1,117 @@
+"""python benchmarks/trial_overhead.py [--sizes 10,100,1000] [--postgres URL]
+
+The service's own cost per trial, without training: what every trial pays for the sampler
+(the study's TPE, multivariate and grouped, over the mlp space), the storage (SQLite with
+the service's settings, and PostgreSQL when one answers), the study-wide budget checks
+(search.budget, which read the study's trials at each trial's start and end) and the
+per-trial log line. The objective suggests the mlp params through the space, as a real
+trial does, reports one value and returns.
+
+For each storage and study size N it runs N trials in a fresh study and prints the mean
+seconds per trial over the last tenth (the cost at that size), split into sampler+storage
+and the budget/reporting part, and that total as a share of a typical trial: one mlp trial
+trained for real (20 epochs on mnist-5k, the defaults), timed in the same process. Not a
+test: timings on a shared machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import torch
+
+import storage
+from search import budget, registry
+from search import data as data_module
+from search.config import RunConfig
+from search.objective import Objective
+from search.study import make_pruner, make_sampler
+
+
+def _typical_trial_seconds() -> float:
+    spec = registry.get("mlp")
+    dataset = data_module.load("mnist-5k")
+    with tempfile.TemporaryDirectory() as folder:
+        cfg = RunConfig(study="mlp", storage=f"sqlite:///{folder}/s.db", cache_dir=folder)
+        objective = Objective(spec, dataset, cfg, torch.device("cpu"))
+        trial = optuna.trial.FixedTrial(spec.to_trial_params(spec.references["lecture"]))
+        trial.study = type("S", (), {"user_attrs": {}, "stop": lambda self: None})()
+        started = time.perf_counter()
+        objective(trial)
+        return time.perf_counter() - started
+
+
+def _run(url: str, n: int) -> tuple[float, float]:
+    """(sampler + storage, budget + reporting) seconds per trial over the last tenth."""
+    spec = registry.get("mlp")
+    opened = storage.open(url)
+    study = optuna.create_study(storage=opened, study_name=f"overhead-{uuid.uuid4().hex[:8]}",
+                                direction="maximize", sampler=make_sampler("tpe", 0),
+                                pruner=make_pruner("hyperband", 20))
+    study.set_user_attr("max_trials", n)
+    service_s: list[float] = []
+    stop = budget.StopAtBudget()
+
+    def objective(trial: optuna.Trial) -> float:
+        started = time.perf_counter()
+        budget.over_budget(trial.study, trial.number)
+        service_s.append(time.perf_counter() - started)
+        params = spec.suggest(trial)
+        trial.report(0.5 + 0.4 * (hash(params) % 1000) / 1000, 1)
+        return 0.5 + 0.4 * (hash(params) % 1000) / 1000
+
+    def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        started = time.perf_counter()
+        stop(study, trial)
+        logging.getLogger("bench").info("trial %d %s best=%s", trial.number,
+                                        trial.state.name, study.best_value)
+        service_s[-1] += time.perf_counter() - started
+
+    spans = []
+    for _ in range(n):
+        started = time.perf_counter()
+        study.optimize(objective, n_trials=1, callbacks=[after])
+        spans.append(time.perf_counter() - started)
+    tail = max(1, n // 10)
+    total = sum(spans[-tail:]) / tail
+    ours = sum(service_s[-tail:]) / tail
+    opened.engine.dispose()
+    return total - ours, ours
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10,100,1000")
+    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    logging.getLogger("bench").setLevel(logging.WARNING)  # formatted, not printed
+    sizes = [int(s) for s in args.sizes.split(",")]
+    typical = _typical_trial_seconds()
+    print(f"typical trial (lecture mlp, 20 epochs, mnist-5k, CPU): {typical:.2f} s")
+    backends = {}
+    with tempfile.TemporaryDirectory() as folder:
+        backends["sqlite"] = lambda: f"sqlite:///{Path(folder) / uuid.uuid4().hex}.db"
+        try:
+            storage.open(args.postgres).engine.dispose()
+            backends["postgresql"] = lambda: args.postgres
+        except Exception as exc:  # noqa: BLE001 - no server: measure SQLite only
+            print(f"postgresql skipped: {str(exc).splitlines()[0]}")
+        print(f"{'storage':10} {'trials':>6} {'sampler+storage':>16} {'budget+log':>11} "
+              f"{'per trial':>10} {'of a trial':>10}")
+        for name, url in backends.items():
+            for n in sizes:
+                optuna_s, ours = _run(url(), n)
+                per = optuna_s + ours
+                print(f"{name:10} {n:6d} {optuna_s * 1000:13.1f} ms {ours * 1000:8.1f} ms "
+                      f"{per * 1000:7.1f} ms {per / typical:9.1%}")
+
+
+if __name__ == "__main__":
+    main()
