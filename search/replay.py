@@ -35,9 +35,8 @@ class ReplayTrial(optuna.trial.FixedTrial):
 
     def __init__(self, stored: optuna.trial.FrozenTrial) -> None:
         super().__init__(stored.params, number=stored.number)
-        for key in ("reference",):
-            if key in stored.user_attrs:
-                self.set_user_attr(key, stored.user_attrs[key])
+        if "reference" in stored.user_attrs:  # a reference config trains as it did
+            self.set_user_attr("reference", stored.user_attrs["reference"])
         self.study = SimpleNamespace(user_attrs={}, stop=lambda: None)  # no budget here
         self.epochs: dict[int, float] = {}
 

@@ -9,6 +9,7 @@ study and adds --n-trials trials. A bad configuration exits with code 2 and one 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -163,8 +164,9 @@ def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, D
     reporter = TrialReporter(n_trials)
     started = time.perf_counter()
     try:
-        if n_trials and len(devices) > 1:
-            run_workers(study, cfg, devices[:n_trials], reporter)
+        if n_trials and len(devices) > 1:  # this run's share of the study's budget
+            run_workers(study, dataclasses.replace(cfg, n_trials=n_trials),
+                        devices[:n_trials], reporter)
         elif n_trials:
             objective = Objective(spec, dataset, cfg, torch.device(devices[0]), weights)
             study.optimize(objective, n_trials=n_trials, timeout=cfg.timeout,
