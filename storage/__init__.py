@@ -8,6 +8,7 @@ trial whose worker died is failed and retried.
 
 from __future__ import annotations
 
+import functools
 import re
 import sqlite3
 import warnings
@@ -101,6 +102,7 @@ def check(url: str) -> None:
         raise StorageError(_old_schema(display, revision[0], head))
 
 
+@functools.cache  # a constant of the installed Optuna: check() runs at every open()
 def _schema_head() -> str | None:
     """The table schema revision this Optuna writes (None if Optuna's layout changed)."""
     try:
