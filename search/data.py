@@ -289,10 +289,11 @@ def _finish(name, source, classes, x_train, y_train, x_test, y_test) -> Dataset:
     y_train = np.asarray(y_train, dtype=np.int64)
     # a larger share for validation on small sets, so one image is not 0.25% of the score
     val_fraction = 0.1 if len(y_train) >= 20_000 else 0.2
-    counts = np.bincount(y_train)[np.bincount(y_train) > 0] if y_train.size else np.zeros(1)
-    if len(y_test) == 0 or counts.min() < 2:
+    counts = np.bincount(y_train, minlength=1)
+    fewest = int(counts[counts > 0].min()) if y_train.size else 0
+    if len(y_test) == 0 or fewest < 2:
         raise DataError(f"{source}: {len(y_train):,} training and {len(y_test):,} test images, "
-                        f"fewest per class {int(counts.min())}; a validation split needs at "
+                        f"fewest per class {fewest}; a validation split needs at "
                         "least 2 training images of every class and a test split")
     x_fit, x_val, y_fit, y_val = train_test_split(
         x_train, y_train, test_size=val_fraction, stratify=y_train, random_state=SPLIT_SEED
