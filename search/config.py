@@ -15,8 +15,11 @@ from pathlib import Path
 
 from search.errors import ConfigError
 
-SAMPLERS = ("tpe", "random", "qmc")
-PRUNERS = ("hyperband", "median", "none")
+SAMPLERS = ("tpe", "tpe-multivariate", "random", "qmc")
+PRUNERS = ("median", "sha", "hyperband", "none")
+# the study's reference configs during the search: run in full, pruned like any trial, or
+# not run (the final step retrains them in full whichever is chosen)
+REFERENCE_MODES = ("full", "prunable", "skip")
 
 TRIAL_SETTINGS = ("epochs", "batch_size", "sampler", "pruner", "seed")
 
@@ -39,6 +42,7 @@ def _BOUNDS(cfg: RunConfig) -> tuple:  # noqa: N802 (a table)
             ("--epochs", cfg.epochs, MAX_EPOCHS),
             ("--batch-size", cfg.batch_size, MAX_BATCH_SIZE),
             ("--workers", cfg.workers, MAX_WORKERS),
+            ("--workers-per-device", cfg.workers_per_device, MAX_WORKERS),
             ("--final-seeds", cfg.final_seeds, MAX_FINAL_SEEDS))
 
 
@@ -60,15 +64,20 @@ class RunConfig:
     n_trials: int = 20  # trials this run adds
     max_trials: int | None = None  # the study's total, across every run and machine
     timeout: float | None = None  # seconds for the search, across its trials
-    epochs: int = 20  # per trial, and the maximum resource of the Hyperband pruner
+    # per trial, and the pruners' maximum resource; None: search.run picks the study's
+    # default for the data's size (search.registry.epochs_for) once the data is loaded
+    epochs: int | None = None
     batch_size: int = 128  # fixed, not tuned: it is not a validation-score knob
     storage: str = "sqlite:///studies.db"
     study_name: str | None = None  # None: "<study>-<dataset>"
     seed: int = 0
     device: str = "auto"
-    workers: int | None = None  # processes running trials; None: one per GPU, else one
+    workers: int | None = None  # processes running trials; None: see search.workers
+    # trials at once on each GPU when --workers is unset; None: the study's own choice
+    workers_per_device: int | None = None
     sampler: str = "tpe"
-    pruner: str = "hyperband"
+    pruner: str = "median"
+    references: str = "skip"  # one of REFERENCE_MODES
     final: bool = True
     final_seeds: int = 3
     runs_dir: str = "runs"  # final models and reports go to <runs_dir>/<study-name>/
@@ -91,11 +100,17 @@ class RunConfig:
             raise ConfigError(f"--sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
         if self.pruner not in PRUNERS:
             raise ConfigError(f"--pruner {self.pruner!r}: choose one of {', '.join(PRUNERS)}")
+        if self.references not in REFERENCE_MODES:
+            raise ConfigError(f"--references {self.references!r}: choose one of "
+                              f"{', '.join(REFERENCE_MODES)}")
         if not 32 <= self.input_size <= MAX_INPUT_SIZE:
             raise ConfigError(f"--input-size must be from 32 (VGG16 halves it five times) to "
                               f"{MAX_INPUT_SIZE}, got {self.input_size:,}")
         if self.study_name is not None:
             check_study_name(self.study_name)
+        if self.workers is not None and self.workers_per_device is not None:
+            raise ConfigError("give --workers (the total) or --workers-per-device (per GPU), "
+                              "not both")
 
     def trial_settings(self) -> dict:
         """What a trial's value depends on besides its params: each trial records these, so
@@ -129,18 +144,16 @@ def trial_seed(study_seed: int, trial_number: int) -> int:
 
 
 def versions() -> dict[str, str]:
-    """Library versions a study or model depends on."""
-    import numpy
-    import optuna
-    import sklearn
-    import torch
-    import torchvision
+    """Library versions a study or model depends on (read from the installed packages'
+    metadata: importing torchvision alone takes seconds, which a new study would pay)."""
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "optuna": optuna.__version__,
-        "numpy": numpy.__version__,
-        "scikit-learn": sklearn.__version__,
-    }
+    found = {"python": platform.python_version()}
+    for name, module in (("torch", "torch"), ("torchvision", "torchvision"),
+                         ("optuna", "optuna"), ("numpy", "numpy"), ("scikit-learn", "sklearn")):
+        try:  # a loaded module's own string keeps a build's local label (2.5.1+cu124)
+            found[name] = getattr(sys.modules.get(module), "__version__", None) or version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
