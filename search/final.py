@@ -11,7 +11,6 @@ artifacts with a study note for optuna-dashboard.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import shlex
@@ -90,20 +89,16 @@ def _reproduce_command(study: optuna.Study, cfg: RunConfig) -> str:
               "--study-name", study.study_name, "--trial", str(study.best_trial.number)]
     devices = {t.user_attrs.get("device", "?") for t in study.trials} - {"?"}
     gpu = any(d.startswith("cuda") for d in devices)
-    spans = sorted((t.datetime_start, t.datetime_complete) for t in study.trials
-                   if t.datetime_start and t.datetime_complete)
-    parallel = any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans))
     directory = Path(cfg.runs_dir) / study.study_name
     return "\n".join([
         "# the whole search: the same trials only for a study run once, by one worker",
         "# (TPE's proposals depend on which trials had finished; resumed or parallel runs",
         "# do not repeat them):",
         shlex.join(run),
-        "# the best trial again, from its stored params, seed and settings; equal to its",
-        "# stored value on the CPU with one worker"
+        "# the best trial again, from its stored params, seed, settings and CPU thread count;",
+        "# equal to its stored value on the CPU"
         + ("; this study ran on a GPU, whose kernels differ run to run" if gpu else "")
-        + ("; trials of this study ran in parallel, in workers sharing the cores (other "
-           "thread counts sum in another order)" if parallel else "") + ":",
+        + ":",
         shlex.join(replay),
         "# only this final step, from the stored study:",
         shlex.join(redo),
@@ -128,14 +123,16 @@ def run_final(study: optuna.Study, cfg: RunConfig,
     dataset = load_study_data(study, cfg, dataset)
     device = resolve_device(cfg.device)
     params = spec.suggest(optuna.trial.FixedTrial(best_trial.params))
-    epochs = int(best_trial.user_attrs.get("epochs", cfg.epochs))
+    # a trial's own settings (older studies stored epochs and batch_size as attrs of their own)
+    ran_with = {**best_trial.user_attrs, **best_trial.user_attrs.get("settings", {})}
+    epochs = int(ran_with.get("epochs", cfg.epochs))
     seeds = [trial_seed(cfg.seed, FINAL_SEED_OFFSET + k) for k in range(cfg.final_seeds)]
     log.info("final: retraining trial %d's params and %d reference configs with seeds %s, "
              "%d epochs each", best_trial.number, len(spec.references), seeds, epochs)
 
     cache = storage.cache_dir(cfg.storage, cfg.cache_dir)
     augment = augment_module.AugmentCache.for_dataset(dataset, cache / "augment")
-    batch_size = int(best_trial.user_attrs.get("batch_size", cfg.batch_size))
+    batch_size = int(ran_with.get("batch_size", cfg.batch_size))
     weights = _study_weights(study, cfg) if spec.feature_head else None
     features = None if weights is None else FeatureCache(
         {"train": dataset.train.x, "val": dataset.val.x, "test": dataset.test.x},

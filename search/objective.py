@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 import optuna
 import torch
@@ -109,23 +110,27 @@ class Objective:
         reference = trial.user_attrs.get("reference")
         trial.set_user_attr("seed", seed)
         trial.set_user_attr("settings", self.cfg.trial_settings())
-        trial.set_user_attr("epochs", self.cfg.epochs)
-        trial.set_user_attr("batch_size", self.cfg.batch_size)
         trial.set_user_attr("device", str(self.device))
+        # CPU threads: another count sums in another order, so a replay uses the same
+        trial.set_user_attr("threads", torch.get_num_threads())
         trial.set_user_attr("speed", Speed.of(model, self.device).describe())
         trial.set_user_attr("n_parameters", count_parameters(model))
         if self.features is not None:  # did this trial have to run the backbone?
             trial.set_user_attr("backbone_runs", len(self.features.computed) - computed)
         best = {"accuracy": 0.0, "epoch": 0}
         seconds: list[float] = []
+        ended: list[float] = []  # wall-clock time of each epoch's end (when each score was known)
 
         def on_epoch(result: EpochResult) -> None:
             seconds.append(result.seconds)
+            ended.append(round(time.time(), 3))
             if result.val_accuracy > best["accuracy"]:
                 best.update(accuracy=result.val_accuracy, epoch=result.epoch)
             trial.report(result.val_accuracy, result.epoch)
-            # reference configs always run to the end, so every study can report them
-            if reference is None and trial.should_prune():
+            # --references full: reference configs run to the end (the final step retrains
+            # them in full whichever mode is chosen)
+            prunable = reference is None or self.cfg.references != "full"
+            if prunable and trial.should_prune():
                 raise optuna.TrialPruned(
                     f"pruned after epoch {result.epoch}: val accuracy {result.val_accuracy:.4f}"
                 )
@@ -149,6 +154,7 @@ class Objective:
         finally:
             if seconds:
                 trial.set_user_attr("seconds_per_epoch", sum(seconds) / len(seconds))
+                trial.set_user_attr("epoch_ended", ended)
             if epoch_images is not None:
                 # how many distinct augmented copies this trial trained on, and what
                 # making or loading them cost it (included in seconds_per_epoch)

@@ -7,6 +7,7 @@ model rebuilt from stored params is the model that was scored.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -53,13 +54,33 @@ class StudySpec:
     build: Callable[..., Built]
     describe: Callable[[Any], str]  # one line per config for the report
     default_data: str
-    default_epochs: int
+    default_epochs: int  # the most epochs per trial (on small data, all of them)
     references: Mapping[str, Any] = field(default_factory=dict)
     augments: bool = False  # params carry an AugmentSpec (`params.augment`)
+    # --epochs unset: about this many optimizer steps per trial, in at least MIN_EPOCHS and
+    # at most default_epochs epochs (None: always default_epochs)
+    steps_per_trial: int | None = None
+    # trials at once on one GPU (--workers-per-device): a small model alone leaves most of
+    # a GPU idle (chosen from model sizes, not yet measured on a GPU)
+    workers_per_gpu: int = 1
     # studies on a frozen backbone (vgg16): params -> the head kind, whose cached backbone
     # features trials train on; build_head(params, n_features, n_classes) -> Built (the head)
     feature_head: Callable[[Any], str] | None = None
     build_head: Callable[..., Built] | None = None
+
+
+MIN_EPOCHS = 3
+
+
+def epochs_for(spec: StudySpec, n_train: int, batch_size: int) -> int:
+    """Epochs per trial when --epochs is not given: the study's default on small data; on
+    large data, enough epochs for about `spec.steps_per_trial` optimizer steps (an epoch of
+    60,000 images is 19x one of 3,200; benchmarks/search_efficiency.py chose the number)."""
+    if spec.steps_per_trial is None:
+        return spec.default_epochs
+    steps_per_epoch = max(1, math.ceil(n_train / batch_size))
+    wanted = math.ceil(spec.steps_per_trial / steps_per_epoch)
+    return max(min(MIN_EPOCHS, spec.default_epochs), min(spec.default_epochs, wanted))
 
 
 def _scalar(value) -> float:
@@ -82,7 +103,9 @@ def build_mlp(params: mlp_space.MLPParams, image_shape, n_classes: int, mean, st
         std=_scalar(std),
     )
     return Built(model, pair.make_loss(),
-                 lambda m: make_optimizer(params.optimizer, m, params.lr))
+                 lambda m: make_optimizer(params.optimizer, m, params.lr),
+                 lambda optimizer, steps: make_scheduler(params.schedule, optimizer, params.lr,
+                                                         steps))
 
 
 def build_cnn(params: cnn_space.CNNParams, image_shape, n_classes: int, mean, std,
@@ -141,18 +164,24 @@ def _study(space, name: str, description: str, build: Callable[..., Built],
     )
 
 
+# mnist-5k (25 steps per epoch) keeps its 20 epochs; 54,000 images (422 steps) get 6
+STEPS_PER_MLP_TRIAL = 2_500
+
 STUDIES: Mapping[str, StudySpec] = MappingProxyType({
     "mlp": _study(mlp_space, "mlp", "MNIST MLP: hidden-layer widths array, dropout placement "
                   "and rate, activation/loss pair, optimizer and learning rate",
-                  build_mlp, default_epochs=20),
+                  build_mlp, default_epochs=20, steps_per_trial=STEPS_PER_MLP_TRIAL,
+                  workers_per_gpu=4),
     # a CNN epoch costs ~10x an MLP's on a CPU, and pruning cuts the rest
     "cnn": _study(cnn_space, "cnn", "CNN: conv channels array, kernel, batch norm, pooling, "
                   "dropout, head, activation/loss pair, optimizer, lr schedule, "
-                  "albumentations strength", build_cnn, default_epochs=8, augments=True),
+                  "albumentations strength", build_cnn, default_epochs=8, augments=True,
+                  workers_per_gpu=2),
     # a head on cached features trains in well under a second per epoch
     "vgg16": _study(vgg16_space, "vgg16", "frozen torchvision VGG16 (--weights): the "
                     "exercise's replaced classifier[6] or a small new head, optimizer, lr, "
                     "weight decay, label smoothing", build_vgg16, default_epochs=10,
+                    workers_per_gpu=2,
                     feature_head=lambda params: params.head, build_head=build_vgg16_head),
 })
 

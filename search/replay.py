@@ -62,7 +62,14 @@ def replay(study: optuna.Study, number: int, device: str = "cpu",
     dataset = load_study_data(study, cfg)
     weights = resolve_weights(cfg.weights, cfg.seed) if spec.feature_head else None
     trial = ReplayTrial(stored)
-    value = Objective(spec, dataset, cfg, torch.device(cfg.device), weights)(trial)
+    threads = torch.get_num_threads()
+    # as many CPU threads as the trial had (a worker sharing the cores had fewer): the same
+    # sums in the same order
+    torch.set_num_threads(int(stored.user_attrs.get("threads", threads)))
+    try:
+        value = Objective(spec, dataset, cfg, torch.device(cfg.device), weights)(trial)
+    finally:
+        torch.set_num_threads(threads)
     if stored.state != optuna.trial.TrialState.COMPLETE and stored.intermediate_values:
         step = max(stored.intermediate_values)  # pruned: compare where it stopped
         value = max(v for s, v in trial.epochs.items() if s <= step)

@@ -16,7 +16,8 @@ import optuna
 
 import storage as storage_module
 from search import data as data_module
-from search.config import RunConfig, trial_seed, versions
+from search import registry
+from search.config import PRUNERS, SAMPLERS, RunConfig, trial_seed, versions
 from search.data import Dataset
 from search.errors import ConfigError
 from search.registry import StudySpec
@@ -33,18 +34,20 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     """Raises ConfigError on an unknown sampler name."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if name == "tpe":
-            # multivariate + group: models the widths jointly, per number of layers;
-            # constant_liar: parallel workers do not all propose the same point
+        if name in ("tpe", "tpe-multivariate"):
+            # constant_liar: parallel workers do not all propose the same point.
+            # multivariate + group models the widths jointly, per number of layers; it costs
+            # more per trial as the study grows (benchmarks/trial_overhead.py)
+            joint = name == "tpe-multivariate"
             return TrialSeeded(optuna.samplers.TPESampler(
-                seed=seed, multivariate=True, group=True, n_startup_trials=TPE_STARTUP_TRIALS,
-                constant_liar=True,
+                seed=seed, multivariate=joint, group=joint,
+                n_startup_trials=TPE_STARTUP_TRIALS, constant_liar=True,
             ), seed)
         if name == "random":
             return TrialSeeded(optuna.samplers.RandomSampler(seed=seed), seed)
         if name == "qmc":  # indexes one scrambled sequence by trial number already
             return optuna.samplers.QMCSampler(seed=seed, scramble=True)
-    raise ConfigError(f"unknown sampler {name!r}; choose tpe, random or qmc")
+    raise ConfigError(f"unknown sampler {name!r}; choose {', '.join(SAMPLERS)}")
 
 
 class TrialSeeded(optuna.samplers.BaseSampler):
@@ -88,11 +91,13 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs,
                                               reduction_factor=3)
+    if name == "sha":  # asynchronous successive halving (ASHA): one bracket of Hyperband
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
     if name == "none":
         return optuna.pruners.NopPruner()
-    raise ConfigError(f"unknown pruner {name!r}; choose hyperband, median or none")
+    raise ConfigError(f"unknown pruner {name!r}; choose {', '.join(PRUNERS)}")
 
 
 def open_study(cfg: RunConfig, spec: StudySpec, dataset: Dataset,
@@ -201,6 +206,10 @@ def _initialize(study: optuna.Study, cfg: RunConfig, spec: StudySpec, dataset: D
         study.set_metric_names(["validation accuracy"])
     # last: its presence marks the study as initialized
     study.set_user_attr("space_version", spec.space_version)
+    if cfg.references == "skip":
+        log.info("new study %r: reference configs not searched (--references skip)",
+                 study.study_name)
+        return
     for name, params in spec.references.items():
         # skip_if_exists: two workers starting a new study at once enqueue each config once
         study.enqueue_trial(spec.to_trial_params(params), user_attrs={"reference": name},
@@ -227,7 +236,8 @@ def best_value(study: optuna.Study) -> float | None:
 
 def load_existing(url: str, study_name: str) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
     """(study, storage) of a study that must exist (search.final, search.replay); creates
-    nothing. Raises ConfigError naming the studies there when it does not."""
+    nothing. Raises ConfigError naming the studies there when it does not, and when it was
+    searched in another version of its space (its params would not rebuild its models)."""
     storage_module.check(url)
     path = storage_module.sqlite_path(url)
     if path is not None and not path.is_file():
@@ -235,11 +245,19 @@ def load_existing(url: str, study_name: str) -> tuple[optuna.Study, optuna.stora
                           "--storage it used")
     opened = storage_module.open(url)
     try:
-        return optuna.load_study(study_name=study_name, storage=opened), opened
+        study = optuna.load_study(study_name=study_name, storage=opened)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(opened)]
         raise ConfigError(f"no study {study_name!r} in {storage_module.shown(url)}; studies "
                           f"there: {', '.join(names) or 'none'}") from None
+    made_version = study.user_attrs.get("space_version")
+    spec = registry.get(study.user_attrs.get("study", "mlp"))
+    if made_version is not None and made_version != spec.space_version:
+        raise ConfigError(f"study {study.study_name!r} was searched in space {made_version}; "
+                          f"this version of the service has {spec.space_version} and cannot "
+                          "rebuild its trials; use the release that made it, or search anew "
+                          "under another --study-name")
+    return study, opened
 
 
 def config_of_study(study: optuna.Study, **overrides) -> RunConfig:

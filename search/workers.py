@@ -24,7 +24,7 @@ import optuna
 import torch
 
 import storage
-from search import budget
+from search import budget, registry
 from search.config import RunConfig
 from search.errors import ConfigError
 from search.train import resolve_device
@@ -34,17 +34,30 @@ log = logging.getLogger(__name__)
 _FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
              optuna.trial.TrialState.FAIL)
 POLL_S = 1.0  # how often the parent looks for finished trials
+# a CPU-only machine: one single-threaded worker per core (True), or one process using every
+# core (False); benchmarks/search_efficiency.py measured both (README)
+CPU_WORKERS_PER_CORE = True
+CPU_WORKERS_MAX = 8  # each worker holds its own copy of the data
+
+
+def cpu_workers(cores: int | None = None) -> int:
+    """Workers on a CPU-only machine when --workers is unset."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, min(cores, CPU_WORKERS_MAX)) if CPU_WORKERS_PER_CORE else 1
 
 
 def plan_devices(cfg: RunConfig) -> list[str]:
-    """One device string per worker. --workers unset: one worker per visible GPU (one on a
-    CPU-only machine). Raises ConfigError when --device is not a device, or is cuda without
-    a GPU (search.train.resolve_device)."""
+    """One device string per worker. --workers unset: --workers-per-device (default the
+    study's) on every visible GPU, round-robin; on a CPU-only machine cpu_workers(). Raises
+    ConfigError when --device is not a device, or is cuda without a GPU
+    (search.train.resolve_device)."""
     resolve_device(cfg.device)
     gpus = torch.cuda.device_count()
     on_gpu = gpus > 0 and cfg.device in ("auto", "cuda")
-    count = cfg.workers if cfg.workers is not None else (gpus if on_gpu else 1)
-    if on_gpu:
+    per_gpu = cfg.workers_per_device or registry.get(cfg.study).workers_per_gpu
+    count = cfg.workers if cfg.workers is not None else (
+        gpus * per_gpu if on_gpu else cpu_workers())
+    if on_gpu:  # cuda:0, cuda:1, ..., cuda:0, cuda:1, ...
         return [f"cuda:{i % gpus}" for i in range(count)]
     return [cfg.device if cfg.device != "auto" else "cpu"] * count
 

@@ -74,6 +74,18 @@ def _no_downloads(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _one_worker_unless_asked(request, monkeypatch):
+    """In-process searches run their trials in the test's own process unless a test asks for
+    --workers: the CPU default (one single-threaded worker per core, search.workers) would
+    spawn fresh processes for every test and double the suite's time. The default has tests
+    of its own (marked `cpu_default`) and the CLI tests that start real processes keep it."""
+    from search import workers
+
+    if request.node.get_closest_marker("cpu_default") is None:
+        monkeypatch.setattr(workers, "CPU_WORKERS_PER_CORE", False)
+
+
 def make_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """n 28x28 uint8 images whose label is drawn in them (a bright bar at row 2 * label)."""
     rng = np.random.default_rng(seed)

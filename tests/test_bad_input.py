@@ -28,6 +28,7 @@ from search import final as final_module
 from search import replay as replay_module
 from search import run as run_module
 from search.export import sha256_of
+from spaces import mlp as mlp_space
 from tests.test_data import write_mnist_dir
 
 SECRET = "hunter2-secret"
@@ -63,7 +64,7 @@ def _study_db(root: Path, *, name="mlp-digits", direction="maximize", **attrs) -
     """studies.db holding one study made by this service with `attrs` changed."""
     opened = storage.open(f"sqlite:///{root / 'studies.db'}")
     study = optuna.create_study(storage=opened, study_name=name, direction=direction)
-    made = {"study": "mlp", "space_version": "mlp-v1",
+    made = {"study": "mlp", "space_version": mlp_space.VERSION,
             "data": {"dataset": "digits", "n_train": 1149, "n_val": 288, "split_seed": 20240}}
     for key, value in {**made, **attrs}.items():
         study.set_user_attr(key, value)
@@ -144,7 +145,7 @@ def _widths_changed(folder: Path) -> None:
 # --- the table -------------------------------------------------------------------------------
 
 NUMERIC = ("--n-trials", "--max-trials", "--timeout", "--epochs", "--batch-size", "--seed",
-           "--workers", "--final-seeds", "--input-size")
+           "--workers", "--workers-per-device", "--final-seeds", "--input-size")
 
 
 def _numeric_rows() -> list[Row]:
@@ -168,6 +169,9 @@ ROWS = [
     Row("unknown data", [*RUN, "--data", "cifar"], "invalid choice: 'cifar'"),
     Row("unknown sampler", [*RUN, "--sampler", "cmaes"], "invalid choice: 'cmaes'"),
     Row("unknown pruner", [*RUN, "--pruner", "asha"], "invalid choice: 'asha'"),
+    Row("unknown references mode", [*RUN, "--references", "some"], "invalid choice: 'some'"),
+    Row("workers and workers per device", [*RUN, "--workers", "2", "--workers-per-device", "2"],
+        "not both"),
     *[Row(f"device {d}", [*RUN, f"--device={d}"], "--device")
       for d in ("gpu", "meta", "mps", "xla", "cpu:1", "cuda:99", "", "cuda:-1")],
     *([] if torch.cuda.is_available() else
@@ -256,6 +260,11 @@ ROWS = [
         cli="final", setup=_study_db),
     Row("final: no trials", ["--study-name", "mlp-digits"], "no completed trial", cli="final",
         setup=_study_db),
+    Row("final: older space", ["--study-name", "mlp-digits"], "searched in space mlp-v0",
+        cli="final", setup=lambda root: _study_db(root, space_version="mlp-v0")),
+    Row("replay: older space", ["--study-name", "mlp-digits", "--trial", "0"],
+        "searched in space mlp-v0", cli="replay",
+        setup=lambda root: _study_db(root, space_version="mlp-v0")),
     Row("final: storage", ["--study-name", "x", "--storage", "sqlite:///studies.db"],
         "is not an SQLite database", _write("studies.db", b"\x00" * 4096), cli="final"),
     # search.replay

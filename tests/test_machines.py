@@ -15,6 +15,8 @@ import warnings
 from pathlib import Path
 
 import optuna
+import pytest
+import torch
 
 from search import budget
 from search.config import RunConfig
@@ -147,13 +149,17 @@ def test_the_budget_counts_a_retried_trial_once():
     assert budget.over_budget(study, study.ask().number)  # one more would not
 
 
-def test_replay_retrains_a_trial_to_its_stored_value(tmp_path, capsys):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_replay_retrains_a_trial_to_its_stored_value(tmp_path, capsys, workers):
     from search import replay as replay_module
 
     url = f"sqlite:///{tmp_path / 'studies.db'}"
     cfg = RunConfig(study="mlp", data="digits", n_trials=6, epochs=3, storage=url,
-                    final=False, pruner="median")
+                    final=False, pruner="median", workers=workers)
     study, _, _ = search(cfg)
+    # workers sharing the cores ran single-threaded; replay uses each trial's own count
+    assert {t.user_attrs["threads"] for t in study.trials if "threads" in t.user_attrs} == (
+        {torch.get_num_threads()} if workers == 1 else {max(1, (os.cpu_count() or 1) // 2)})
     for trial in study.trials:
         if trial.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
             stored, value, _ = replay_module.replay(study, trial.number)

@@ -51,13 +51,23 @@ def test_no_traceback_from_a_real_process(tmp_path):
 
 
 def test_end_to_end_run_writes_study_and_final_files(tmp_path):
+    # the defaults: one single-threaded worker per core, reference configs not searched
+    # (the final step retrains them), the median pruner
     result = run_cli("--study", "mlp", "--data", "digits", "--n-trials", "4", "--epochs", "3",
                      "--final-seeds", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "trial 0 COMPLETE" in result.stderr and "[lecture]" in result.stderr
+    workers = min(os.cpu_count() or 1, 8)
+    if workers > 1:
+        assert f"{workers} workers on cpu" in result.stderr
+    assert "reference configs not searched" in result.stderr and "[lecture]" not in result.stderr
     assert "best=" in result.stderr
     study = optuna.load_study(study_name="mlp-digits", storage="sqlite:///studies.db")
-    assert len(study.trials) == 4 and study.best_value > 0.8
+    # workers stop at the budget; two finishing at the same instant may add one more
+    assert 4 <= len(study.trials) <= 5 and study.best_value > 0.5
+    assert not any("reference" in t.user_attrs for t in study.trials)
+    assert study.user_attrs["config"]["pruner"] == "median"
+    report = (tmp_path / "runs" / "mlp-digits" / "report.md").read_text(encoding="utf-8")
+    assert "lecture" in report and "seed" in report  # retrained by the final step
     assert (tmp_path / "studies.db").is_file()
     for name in ("model.pt", "model.json", "model.onnx", "metrics.json", "report.html"):
         assert (tmp_path / "runs" / "mlp-digits" / name).is_file()
@@ -67,7 +77,8 @@ def test_end_to_end_run_writes_study_and_final_files(tmp_path):
 
 def test_two_workers_share_one_budget_and_log_every_trial(tmp_path):
     result = run_cli("--study", "mlp", "--data", "digits", "--n-trials", "6", "--epochs", "2",
-                     "--workers", "2", "--device", "cpu", "--no-final", cwd=tmp_path)
+                     "--workers", "2", "--device", "cpu", "--no-final", "--references",
+                     "prunable", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "2 workers on cpu, cpu" in result.stderr
     study = optuna.load_study(study_name="mlp-digits", storage="sqlite:///studies.db")
@@ -81,10 +92,45 @@ def test_two_workers_share_one_budget_and_log_every_trial(tmp_path):
         assert f"trial {trial.number} " in result.stderr
 
 
-@pytest.mark.parametrize("study, epochs", [("mlp", 20), ("cnn", 8)])
-def test_epochs_default_to_the_studys_own(study, epochs):
+@pytest.mark.parametrize("study, small, large", [("mlp", 20, 6), ("cnn", 8, 8),
+                                                  ("vgg16", 10, 10)])
+def test_epochs_default_to_the_studys_own_for_the_datas_size(study, small, large):
+    from search import registry
     from search.run import config_from_args
 
-    assert config_from_args(["--study", study]).epochs == epochs
+    assert config_from_args(["--study", study]).epochs is None  # chosen once data is loaded
     assert config_from_args(["--study", study, "--epochs", "3"]).epochs == 3
+    spec = registry.get(study)
+    assert registry.epochs_for(spec, 3_200, 128) == small  # mnist-5k's training split
+    assert registry.epochs_for(spec, 54_000, 128) == large  # MNIST's 60,000 less validation
+    assert registry.epochs_for(spec, 10**7, 128) == min(small, registry.MIN_EPOCHS) or (
+        spec.steps_per_trial is None)
     assert config_from_args(["--study", study, "--cache-dir", "c"]).cache_dir == "c"
+
+
+@pytest.mark.parametrize("study, flags, expected", [
+    ("mlp", [], ["cuda:0", "cuda:1"] * 4),  # the study's own trials per GPU
+    ("cnn", [], ["cuda:0", "cuda:1"] * 2),
+    ("mlp", ["--workers-per-device", "1"], ["cuda:0", "cuda:1"]),
+    ("mlp", ["--workers", "3"], ["cuda:0", "cuda:1", "cuda:0"]),
+    ("mlp", ["--device", "cpu"], None),  # the CPU's own default, whatever the GPUs
+])
+def test_workers_per_gpu_and_on_the_cpu(monkeypatch, study, flags, expected):
+    import torch
+
+    from search import workers
+    from search.run import config_from_args
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    devices = workers.plan_devices(config_from_args(["--study", study, *flags]))
+    assert devices == (expected or ["cpu"] * workers.cpu_workers())
+
+
+@pytest.mark.cpu_default
+def test_cpu_workers_follow_the_cores():
+    from search import workers
+
+    assert workers.CPU_WORKERS_PER_CORE  # the measured default (README, "Defaults")
+    for cores, expected in ((1, 1), (2, 2), (16, workers.CPU_WORKERS_MAX), (128, 8)):
+        assert workers.cpu_workers(cores) == expected

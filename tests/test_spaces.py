@@ -31,9 +31,29 @@ def test_fixed_trial_builds_widths_array_and_conditional_params():
     params = mlp.suggest(optuna.trial.FixedTrial({
         "n_layers": 3, "n_units_l0": 200, "n_units_l1": 100, "n_units_l2": 50,
         "dropout": "none", "pair": "gelu_margin", "optimizer": "sgd", "sgd_lr": 0.05,
+        "schedule": "cosine",
     }))
     assert params.widths == (200, 100, 50)
     assert params.dropout_rate == 0.0 and params.lr == 0.05 and params.optimizer == "sgd"
+    assert params.schedule == "cosine"
+
+
+@pytest.mark.parametrize("schedule", mlp.SCHEDULES)
+def test_mlp_schedule_reaches_the_optimizer(schedule):
+    from search.registry import build_mlp
+
+    params = dataclasses.replace(mlp.LECTURE, schedule=schedule)
+    built = build_mlp(params, (1, 8, 8), 10, 0.1, 0.3)
+    optimizer = built.make_optimizer(built.model)
+    scheduler = built.make_scheduler(optimizer, 100)
+    assert (scheduler is None) == (schedule == "constant")
+    for _ in range(50):
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    halfway = optimizer.param_groups[0]["lr"]
+    assert halfway == pytest.approx(mlp.LECTURE.lr if schedule == "constant"
+                                    else mlp.LECTURE.lr / 2, rel=1e-3)
 
 
 def test_sampled_params_stay_in_the_space():

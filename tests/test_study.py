@@ -16,6 +16,7 @@ from search.objective import TRIAL_FAILURES, Objective
 from search.registry import STUDIES, Built
 from search.run import search
 from search.study import open_study
+from spaces import mlp as mlp_space
 
 TrialState = optuna.trial.TrialState
 
@@ -28,14 +29,14 @@ def _cfg(storage_url, study_name, **overrides):
 
 
 def test_new_study_runs_references_first_then_resumes(storage_url, study_name):
-    first, _, _ = search(_cfg(storage_url, study_name, n_trials=3))
+    first, _, _ = search(_cfg(storage_url, study_name, n_trials=3, references="full"))
     trials = first.get_trials()
     assert len(trials) == 3
     assert [t.user_attrs.get("reference") for t in trials[:2]] == ["lecture", "seed"]
     assert trials[0].params == STUDIES["mlp"].to_trial_params(STUDIES["mlp"].references["lecture"])
     assert all(t.state == TrialState.COMPLETE for t in trials[:2])
     attrs = first.user_attrs
-    assert attrs["data"]["dataset"] == "digits" and attrs["space_version"] == "mlp-v1"
+    assert attrs["data"]["dataset"] == "digits" and attrs["space_version"] == mlp_space.VERSION
     assert 0 < attrs["data"]["mean"] < 1 and "torch" in attrs["versions"]
     assert first.metric_names == ["validation accuracy"]
     assert trials[0].user_attrs["seed"] == trial_seed(0, 0)
@@ -45,6 +46,23 @@ def test_new_study_runs_references_first_then_resumes(storage_url, study_name):
     trials = again.get_trials()
     assert len(trials) == 5  # resumed and added; references not enqueued twice
     assert sum(1 for t in trials if t.user_attrs.get("reference")) == 2
+
+
+def test_references_are_pruned_like_any_trial_or_skipped(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    # successive halving keeps trial 1 only if it beats trial 0 after epoch 1: the seed net
+    # (dropout 0.3) does not on digits, so it is pruned there, reference or not
+    pruned, _, _ = search(_cfg(url, "prunable", n_trials=2, epochs=3, pruner="sha"))
+    seed_net = pruned.trials[1]
+    assert seed_net.user_attrs["reference"] == "seed"
+    assert seed_net.state == TrialState.PRUNED and sorted(seed_net.intermediate_values) == [1]
+    full, _, _ = search(_cfg(url, "full", n_trials=2, epochs=3, pruner="sha",
+                             references="full"))
+    assert [t.state for t in full.trials] == [TrialState.COMPLETE] * 2
+    assert full.trials[1].intermediate_values[1] == seed_net.intermediate_values[1]
+    skipped, _, _ = search(_cfg(url, "skip", n_trials=2, epochs=1, references="skip"))
+    assert len(skipped.trials) == 2
+    assert not any("reference" in t.user_attrs for t in skipped.trials)
 
 
 @pytest.mark.parametrize("sampler", ["random", "tpe"])
