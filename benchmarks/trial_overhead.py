@@ -1,11 +1,14 @@
-"""python benchmarks/trial_overhead.py [--sizes 10,100,1000] [--postgres URL]
+"""python benchmarks/trial_overhead.py [--sizes 10,100,1000] [--samplers tpe,...]
+    [--pruner hyperband] [--postgres URL]
 
 The service's own cost per trial, without training: what every trial pays for the sampler
-(the study's TPE, multivariate and grouped, over the mlp space), the storage (SQLite with
-the service's settings, and PostgreSQL when one answers), the study-wide budget checks
-(search.budget, which read the study's trials at each trial's start and end) and the
-per-trial log line. The objective suggests the mlp params through the space, as a real
-trial does, reports one value and returns.
+(each of --samplers over the mlp space), the storage (SQLite with the service's settings,
+and PostgreSQL when one answers), the pruner, the study-wide budget checks (search.budget,
+which read the study's trials at each trial's start and end) and the per-trial log line.
+The objective does what a real trial does to the study, without the training: suggests the
+mlp params through the space, writes the user attributes search.objective writes, reports a
+validation accuracy after each of 20 epochs and asks the pruner each time (a pruned trial
+stops there, as a real one does).
 
 For each storage and study size N it runs N trials in a fresh study and prints the mean
 seconds per trial over the last tenth (the cost at that size), split into sampler+storage
@@ -47,13 +50,20 @@ def _typical_trial_seconds() -> float:
         return time.perf_counter() - started
 
 
-def _run(url: str, n: int) -> tuple[float, float]:
-    """(sampler + storage, budget + reporting) seconds per trial over the last tenth."""
+EPOCHS = 20
+# what search.objective.Objective writes to every trial besides its reports
+ATTRIBUTES = ("worker", "seed", "settings", "device", "threads", "speed", "n_parameters",
+              "seconds_per_epoch", "epoch_ended", "best_epoch")
+
+
+def _run(url: str, n: int, sampler: str, pruner: str) -> tuple[float, float]:
+    """(sampler + storage + pruner, budget + reporting) seconds per trial over the last
+    tenth of a study of `n` trials."""
     spec = registry.get("mlp")
     opened = storage.open(url)
     study = optuna.create_study(storage=opened, study_name=f"overhead-{uuid.uuid4().hex[:8]}",
-                                direction="maximize", sampler=make_sampler("tpe", 0),
-                                pruner=make_pruner("hyperband", 20))
+                                direction="maximize", sampler=make_sampler(sampler, 0),
+                                pruner=make_pruner(pruner, EPOCHS))
     study.set_user_attr("max_trials", n)
     service_s: list[float] = []
     stop = budget.StopAtBudget()
@@ -63,8 +73,14 @@ def _run(url: str, n: int) -> tuple[float, float]:
         budget.over_budget(trial.study, trial.number)
         service_s.append(time.perf_counter() - started)
         params = spec.suggest(trial)
-        trial.report(0.5 + 0.4 * (hash(params) % 1000) / 1000, 1)
-        return 0.5 + 0.4 * (hash(params) % 1000) / 1000
+        for key in ATTRIBUTES:
+            trial.set_user_attr(key, 0)
+        final = 0.5 + 0.45 * (hash(params) % 1000) / 1000  # a learning curve towards it
+        for epoch in range(1, EPOCHS + 1):
+            trial.report(final * (1 - 0.5 ** epoch), epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return final
 
     def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         started = time.perf_counter()
@@ -88,6 +104,8 @@ def _run(url: str, n: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10,100,1000")
+    parser.add_argument("--samplers", default="tpe", help="comma-separated --sampler names")
+    parser.add_argument("--pruner", default="hyperband")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -103,14 +121,16 @@ def main() -> None:
             backends["postgresql"] = lambda: args.postgres
         except Exception as exc:  # noqa: BLE001 - no server: measure SQLite only
             print(f"postgresql skipped: {str(exc).splitlines()[0]}")
-        print(f"{'storage':10} {'trials':>6} {'sampler+storage':>16} {'budget+log':>11} "
-              f"{'per trial':>10} {'of a trial':>10}")
+        print(f"{'storage':10} {'sampler':16} {'trials':>6} {'sampler+storage':>16} "
+              f"{'budget+log':>11} {'per trial':>10} {'of a trial':>10}", flush=True)
         for name, url in backends.items():
-            for n in sizes:
-                optuna_s, ours = _run(url(), n)
-                per = optuna_s + ours
-                print(f"{name:10} {n:6d} {optuna_s * 1000:13.1f} ms {ours * 1000:8.1f} ms "
-                      f"{per * 1000:7.1f} ms {per / typical:9.1%}")
+            for sampler in args.samplers.split(","):
+                for n in sizes:
+                    optuna_s, ours = _run(url(), n, sampler, args.pruner)
+                    per = optuna_s + ours
+                    print(f"{name:10} {sampler:16} {n:6d} {optuna_s * 1000:13.1f} ms "
+                          f"{ours * 1000:8.1f} ms {per * 1000:7.1f} ms {per / typical:9.1%}",
+                          flush=True)
 
 
 if __name__ == "__main__":

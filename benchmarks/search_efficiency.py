@@ -1,0 +1,357 @@
+"""python benchmarks/search_efficiency.py [--data mnist-5k] [--data-dir DIR] [--budget 80]
+    [--seeds 3] [--target ACC] [--arms naive,expert,ours,random] [--variant NAME='FLAGS']
+
+How much sooner does the mlp search find a model better than the reference configs, against
+the scripts a user would otherwise write? Each arm searches the same mlp space
+(spaces/mlp.py) on the same data split for the same wall-clock budget, once per seed, each
+run in a fresh process, one run at a time, seeds interleaved:
+
+  naive   Optuna's PyTorch example pattern: a torchvision Dataset with per-sample
+          ToTensor + Normalize, a DataLoader (shuffle, batch 128), TPESampler(seed), no
+          pruner, a fixed 10 epochs per trial.
+  expert  what a skilled user writes in an afternoon: the splits as normalized float32
+          tensors in memory, batches sliced from a random permutation, TPESampler(seed),
+          MedianPruner(), a fixed 10 epochs per trial.
+  ours    `python -m search.run --study mlp --no-final` with this service's defaults
+          (reference trials included), stopped by --timeout.
+  random  the same command with --sampler random.
+  NAME    --variant NAME='--pruner median --epochs 20': the same command with those flags
+          (how the defaults were chosen; see the README).
+
+A run's clock starts when its process is started (imports and data loading count); the time
+of a validation score is when its epoch ended. Per arm: the median and range over seeds of
+the time to the first epoch at or above the target validation accuracy, the best validation
+accuracy within the budget, and the trials finished within it. The target defaults to the
+best validation accuracy of the reference configs (spaces/mlp.py, each trained once after
+the runs, through the service's trainer for the service's epochs) plus 0.25 points, so
+reaching it means the search found something the references did not. The last line is
+the expert's median time-to-target divided by ours ("> x" when the expert missed the target
+in most seeds: its time is then at least the budget).
+
+Not a test: the machine is shared and timings are noisy. Takes about
+len(arms) * seeds * (budget + 15 s); the defaults about 20 minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FIXED_EPOCHS = 10  # the naive and expert scripts' epochs per trial (Optuna's example uses 10)
+BATCH = 128
+GRACE_S = 90  # how long a run may overrun its budget (its last trial) before it is stopped
+TARGET_MARGIN = 0.0025
+
+
+# ---------------------------------------------------------------- the scripts a user writes
+
+
+def _script_arm(arm: str, data: str, data_dir: str | None, seed: int, budget: float, t0: float,
+                out: Path) -> None:
+    """One run of the naive or expert script; writes its epoch events to `out`."""
+    import optuna
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision import transforms
+
+    from search import data as data_module
+    from search import registry
+    from search.train import DeviceSplit, evaluate_accuracy
+    from spaces import mlp as space
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from epoch_throughput import PILDigits
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    dataset = data_module.load(data, data_dir)  # the split every arm uses
+    shape, n_classes = dataset.image_shape, len(dataset.classes)
+    mean, std = float(dataset.channel_mean[0]), float(dataset.channel_std[0])
+    events: list[dict] = []
+
+    if arm == "naive":
+        pipeline = transforms.Compose([transforms.ToTensor(),
+                                       transforms.Normalize((mean,), (std,))])
+        train_images = dataset.train.x.squeeze(1).numpy()
+        val_images = dataset.val.x.squeeze(1).numpy()
+        train_set = PILDigits(train_images, dataset.train.y.numpy(), pipeline)
+        val_set = PILDigits(val_images, dataset.val.y.numpy(), pipeline)
+
+        def train_epoch(model, optimizer, scheduler, loss_fn, generator):
+            model.train()
+            loader = DataLoader(train_set, batch_size=BATCH, shuffle=True, generator=generator)
+            for x, y in loader:
+                optimizer.zero_grad()
+                loss_fn(model(x), y).backward()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+
+        def accuracy(model) -> float:
+            model.eval()
+            correct = 0
+            with torch.no_grad():
+                for x, y in DataLoader(val_set, batch_size=1000):
+                    correct += int((model(x).argmax(1) == y).sum())
+            return correct / len(val_set)
+
+        pruner = optuna.pruners.NopPruner()
+    else:
+        def normalized(x):
+            return (x.float() / 255.0 - mean) / std
+
+        train_x, train_y = normalized(dataset.train.x), dataset.train.y
+        val = DeviceSplit(normalized(dataset.val.x), dataset.val.y)
+
+        def train_epoch(model, optimizer, scheduler, loss_fn, generator):
+            model.train()
+            order = torch.randperm(len(train_y), generator=generator)
+            for start in range(0, len(order), BATCH):
+                index = order[start:start + BATCH]
+                optimizer.zero_grad()
+                loss_fn(model(train_x[index]), train_y[index]).backward()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+
+        def accuracy(model) -> float:
+            return evaluate_accuracy(model, val)
+
+        pruner = optuna.pruners.MedianPruner()
+
+    def objective(trial: optuna.Trial) -> float:
+        params = space.suggest(trial)
+        torch.manual_seed(trial.number)
+        # the service's own model builder; the input is normalized outside it here
+        built = registry.build_mlp(params, shape, n_classes, 0.0, 1.0)
+        optimizer = built.make_optimizer(built.model)
+        # the space's learning-rate schedule, over every batch of the trial
+        scheduler = built.make_scheduler(optimizer,
+                                         FIXED_EPOCHS * math.ceil(len(dataset.train) / BATCH))
+        generator = torch.Generator().manual_seed(trial.number)
+        best = 0.0
+        for epoch in range(1, FIXED_EPOCHS + 1):
+            train_epoch(built.model, optimizer, scheduler, built.loss_fn, generator)
+            value = accuracy(built.model)
+            if not math.isfinite(value):
+                raise optuna.TrialPruned()
+            best = max(best, value)
+            events.append({"t": time.time() - t0, "acc": value, "trial": trial.number})
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return best
+
+    def stop_at_budget(study, trial) -> None:
+        if time.time() - t0 >= budget:
+            study.stop()
+
+    study = optuna.create_study(direction="maximize", pruner=pruner,
+                                sampler=optuna.samplers.TPESampler(seed=seed))
+    study.optimize(objective, timeout=max(1.0, budget - (time.time() - t0)),
+                   callbacks=[stop_at_budget], catch=(RuntimeError, ValueError))
+    finished = [{"t": (t.datetime_complete.timestamp() - t0), "state": t.state.name}
+                for t in study.trials if t.datetime_complete]
+    out.write_text(json.dumps({"events": events, "finished": finished, "references": []}),
+                   encoding="utf-8")
+
+
+# ---------------------------------------------------------------- this service, its real CLI
+
+
+def _service_arm(flags: list[str], data: str, data_dir: str | None, seed: int, budget: float,
+                 workdir: Path) -> dict:
+    """`python -m search.run --study mlp` for `budget` seconds; its epoch events read back
+    from the study (each trial's `epoch_ended` wall times and intermediate values)."""
+    import optuna
+
+    db = workdir / f"s{seed}.db"
+    command = [sys.executable, "-m", "search.run", "--study", "mlp", "--data", data,
+               "--storage", f"sqlite:///{db}", "--study-name", "bench", "--seed", str(seed),
+               "--no-final", "--n-trials", "100000", "--timeout", str(budget), *flags]
+    if data_dir:
+        command += ["--data-dir", data_dir]
+    t0 = time.time()
+    process = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL,
+                               stderr=open(workdir / f"s{seed}.log", "w", encoding="utf-8"))
+    try:
+        process.wait(timeout=budget + GRACE_S)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)
+        process.wait()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(study_name="bench", storage=f"sqlite:///{db}")
+    events, finished, references = [], [], []
+    for trial in study.trials:
+        ended = trial.user_attrs.get("epoch_ended", [])
+        # a trial stopped mid-epoch has one more report than end times, never fewer
+        for step, when in zip(sorted(trial.intermediate_values), ended, strict=False):
+            events.append({"t": when - t0, "acc": trial.intermediate_values[step],
+                           "trial": trial.number})
+        if trial.datetime_complete and trial.state.name in ("COMPLETE", "PRUNED"):
+            finished.append({"t": trial.datetime_complete.timestamp() - t0,
+                             "state": trial.state.name})
+        if trial.user_attrs.get("reference") and trial.state.name == "COMPLETE":
+            references.append({"name": trial.user_attrs["reference"], "acc": trial.value})
+    return {"events": events, "finished": finished, "references": references}
+
+
+# ---------------------------------------------------------------- the bar to clear
+
+
+def _references(data: str, data_dir: str | None) -> dict[str, float]:
+    """Best validation accuracy of each of the mlp study's reference configs, trained once
+    the way the service's final step trains them (its trainer, its epochs for this data)."""
+    import torch
+
+    from search import data as data_module
+    from search import registry
+    from search.train import DeviceSplit, train_built
+
+    spec = registry.get("mlp")
+    dataset = data_module.load(data, data_dir)
+    cpu = torch.device("cpu")
+    train, val = DeviceSplit.of(dataset.train, cpu), DeviceSplit.of(dataset.val, cpu)
+    epochs = registry.epochs_for(spec, len(train), BATCH)
+    scores = {}
+    for name, params in spec.references.items():
+        torch.manual_seed(0)
+        built = spec.build(params, dataset.image_shape, len(dataset.classes),
+                           dataset.channel_mean, dataset.channel_std)
+        history = train_built(built, train, val, epochs=epochs, batch_size=BATCH, seed=0)
+        scores[name] = max(r.val_accuracy for r in history)
+    return scores
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _summarize(runs: list[dict], budget: float, target: float) -> dict:
+    times, bests, trials = [], [], []
+    for run in runs:
+        inside = [e for e in run["events"] if e["t"] <= budget]
+        reached = [e["t"] for e in inside if e["acc"] >= target]
+        times.append(min(reached) if reached else math.inf)
+        bests.append(max((e["acc"] for e in inside), default=0.0))
+        trials.append(sum(1 for f in run["finished"] if f["t"] <= budget))
+    return {"times": times, "bests": bests, "trials": trials,
+            "time": statistics.median(times), "best": statistics.median(bests),
+            "n_trials": statistics.median(trials)}
+
+
+def _seconds(value: float, budget: float) -> str:
+    return f"> {budget:.0f} s" if math.isinf(value) else f"{value:.1f} s"
+
+
+def _table(summary: dict[str, dict], budget: float, target: float) -> str:
+    lines = [f"target validation accuracy {target:.4f}, budget {budget:.0f} s per run",
+             "| arm | time to target, median [range] | reached | best at budget, median "
+             "[range] | trials finished, median [range] |", "|---|---|---|---|---|"]
+    for arm, s in summary.items():
+        reached = sum(1 for t in s["times"] if not math.isinf(t))
+        lines.append(
+            f"| {arm} | {_seconds(s['time'], budget)} [{_seconds(min(s['times']), budget)} - "
+            f"{_seconds(max(s['times']), budget)}] | {reached}/{len(s['times'])} | "
+            f"{s['best']:.4f} [{min(s['bests']):.4f} - {max(s['bests']):.4f}] | "
+            f"{s['n_trials']:.0f} [{min(s['trials'])} - {max(s['trials'])}] |")
+    return "\n".join(lines)
+
+
+def _ratio(slow: dict, fast: dict, budget: float) -> str:
+    if math.isinf(fast["time"]):
+        return "n/a (ours missed the target in most seeds)"
+    if math.isinf(slow["time"]):
+        return f"> {budget / fast['time']:.1f}x (it missed the target in most seeds)"
+    return f"{slow['time'] / fast['time']:.1f}x"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="mnist-5k")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--budget", type=float, default=80.0, help="wall seconds per run")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--target", type=float, help="validation accuracy to reach "
+                        "(default: the references' best + 0.25 points)")
+    parser.add_argument("--arms", default="naive,expert,ours,random")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME='FLAGS'",
+                        help="another service run with these search.run flags")
+    parser.add_argument("--out", help="also write every run's events to this JSON file")
+    parser.add_argument("--run-arm", help=argparse.SUPPRESS)  # internal: one script run
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--t0", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--events", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run_arm:
+        _script_arm(args.run_arm, args.data, args.data_dir, args.seed, args.budget, args.t0,
+                    Path(args.events))
+        return 0
+
+    arms: dict[str, list[str] | None] = {}
+    for name in args.arms.split(","):
+        arms[name] = {"naive": None, "expert": None, "ours": [],
+                      "random": ["--sampler", "random"]}[name]
+    for variant in args.variant:
+        name, _, flags = variant.partition("=")
+        arms[name] = shlex.split(flags)
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
+    runs: dict[str, list[dict]] = {arm: [] for arm in arms}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="search-efficiency-") as tmp:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        os.environ.update(env)
+        for seed in range(args.seeds):
+            for arm, flags in arms.items():
+                workdir = Path(tmp) / f"{arm}-{seed}"
+                workdir.mkdir()
+                if flags is None:
+                    events = workdir / "events.json"
+                    t0 = time.time()
+                    subprocess.run([sys.executable, __file__, "--run-arm", arm, "--data",
+                                    args.data, *(["--data-dir", data_dir] if data_dir else []),
+                                    "--seed", str(seed), "--budget", str(args.budget), "--t0",
+                                    str(t0), "--events", str(events)], check=True, env=env,
+                                   timeout=args.budget + GRACE_S + 60)
+                    run = json.loads(events.read_text(encoding="utf-8"))
+                else:
+                    run = _service_arm(flags, args.data, data_dir, seed, args.budget, workdir)
+                runs[arm].append(run)
+                print(f"seed {seed} {arm}: {len(run['finished'])} trials, best "
+                      f"{max((e['acc'] for e in run['events']), default=0):.4f} "
+                      f"({time.perf_counter() - started:.0f} s so far)", flush=True)
+    references = _references(args.data, data_dir)
+    target = args.target if args.target is not None else (
+        max(references.values()) + TARGET_MARGIN)
+    summary = {arm: _summarize(rs, args.budget, target) for arm, rs in runs.items()}
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "target": target,
+                                              "references": references, "runs": runs}),
+                                  encoding="utf-8")
+    print(f"\n{args.data}{' from ' + data_dir if data_dir else ''}: {args.seeds} seeds; "
+          "reference configs (trained once, the service's epochs): " + ", ".join(
+              f"{name} {value:.4f}" for name, value in references.items()))
+    print(_table(summary, args.budget, target))
+    if "ours" in summary:
+        for other in ("naive", "random"):
+            if other in summary:
+                print(f"{other} / ours median time-to-target: "
+                      f"{_ratio(summary[other], summary['ours'], args.budget)}")
+        if "expert" in summary:
+            print(f"expert / ours median time-to-target: "
+                  f"{_ratio(summary['expert'], summary['ours'], args.budget)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
