@@ -16,7 +16,7 @@ from pathlib import Path
 from search.errors import ConfigError
 
 SAMPLERS = ("tpe", "tpe-multivariate", "random", "qmc")
-PRUNERS = ("median", "sha", "hyperband", "none")
+PRUNERS = ("sha", "median", "hyperband", "none")
 # the study's reference configs during the search: run in full, pruned like any trial, or
 # not run (the final step retrains them in full whichever is chosen)
 REFERENCE_MODES = ("full", "prunable", "skip")
@@ -76,8 +76,8 @@ class RunConfig:
     # trials at once on each GPU when --workers is unset; None: the study's own choice
     workers_per_device: int | None = None
     sampler: str = "tpe"
-    pruner: str = "median"
-    references: str = "skip"  # one of REFERENCE_MODES
+    pruner: str = "sha"
+    references: str | None = None  # one of REFERENCE_MODES; None: the study's default
     final: bool = True
     final_seeds: int = 3
     runs_dir: str = "runs"  # final models and reports go to <runs_dir>/<study-name>/
@@ -100,7 +100,7 @@ class RunConfig:
             raise ConfigError(f"--sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
         if self.pruner not in PRUNERS:
             raise ConfigError(f"--pruner {self.pruner!r}: choose one of {', '.join(PRUNERS)}")
-        if self.references not in REFERENCE_MODES:
+        if self.references is not None and self.references not in REFERENCE_MODES:
             raise ConfigError(f"--references {self.references!r}: choose one of "
                               f"{', '.join(REFERENCE_MODES)}")
         if not 32 <= self.input_size <= MAX_INPUT_SIZE:

@@ -128,8 +128,8 @@ class Objective:
                 best.update(accuracy=result.val_accuracy, epoch=result.epoch)
             trial.report(result.val_accuracy, result.epoch)
             # --references full: reference configs run to the end (the final step retrains
-            # them in full whichever mode is chosen)
-            prunable = reference is None or self.cfg.references != "full"
+            # them in full whichever mode is chosen); a study from before the option: full
+            prunable = reference is None or self.cfg.references not in ("full", None)
             if prunable and trial.should_prune():
                 raise optuna.TrialPruned(
                     f"pruned after epoch {result.epoch}: val accuracy {result.val_accuracy:.4f}"

@@ -63,6 +63,8 @@ class StudySpec:
     # trials at once on one GPU (--workers-per-device): a small model alone leaves most of
     # a GPU idle (chosen from model sizes, not yet measured on a GPU)
     workers_per_gpu: int = 1
+    # --references unset: whether the search runs the reference configs (REFERENCE_MODES)
+    default_references: str = "full"
     # studies on a frozen backbone (vgg16): params -> the head kind, whose cached backbone
     # features trials train on; build_head(params, n_features, n_classes) -> Built (the head)
     feature_head: Callable[[Any], str] | None = None
@@ -171,7 +173,7 @@ STUDIES: Mapping[str, StudySpec] = MappingProxyType({
     "mlp": _study(mlp_space, "mlp", "MNIST MLP: hidden-layer widths array, dropout placement "
                   "and rate, activation/loss pair, optimizer and learning rate",
                   build_mlp, default_epochs=20, steps_per_trial=STEPS_PER_MLP_TRIAL,
-                  workers_per_gpu=4),
+                  workers_per_gpu=4, default_references="skip"),
     # a CNN epoch costs ~10x an MLP's on a CPU, and pruning cuts the rest
     "cnn": _study(cnn_space, "cnn", "CNN: conv channels array, kernel, batch norm, pooling, "
                   "dropout, head, activation/loss pair, optimizer, lr schedule, "

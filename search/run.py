@@ -67,11 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers-per-device", type=int, help="trials at once on each GPU "
                         "(default: the study's, mlp 4, cnn 2, vgg16 2)")
     parser.add_argument("--sampler", default="tpe", choices=SAMPLERS)
-    parser.add_argument("--pruner", default="median", choices=PRUNERS)
-    parser.add_argument("--references", default="skip", choices=REFERENCE_MODES,
-                        help="the study's reference configs in the search: skipped "
-                        "(default), pruned like any trial, or run in full; the final step "
-                        "retrains them in full either way")
+    parser.add_argument("--pruner", default="sha", choices=PRUNERS)
+    parser.add_argument("--references", choices=REFERENCE_MODES,
+                        help="the study's reference configs in the search: skipped, pruned "
+                        "like any trial, or run in full (default: mlp skip, cnn and vgg16 "
+                        "full); the final step retrains them in full either way")
     parser.add_argument("--no-final", dest="final", action="store_false",
                         help="skip the final retrain, export and report")
     parser.add_argument("--final-seeds", type=int, default=3,
@@ -158,6 +158,8 @@ def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, D
     if cfg.epochs is None:
         cfg = dataclasses.replace(cfg, epochs=registry.epochs_for(spec, len(dataset.train),
                                                                   cfg.batch_size))
+    if cfg.references is None:
+        cfg = dataclasses.replace(cfg, references=spec.default_references)
     name = cfg.study_name or f"{spec.name}-{dataset.name}"
     # opened only now: bad flags or data leave no new database file behind
     opened = storage.open(cfg.storage)

@@ -52,7 +52,7 @@ def test_no_traceback_from_a_real_process(tmp_path):
 
 def test_end_to_end_run_writes_study_and_final_files(tmp_path):
     # the defaults: one single-threaded worker per core, reference configs not searched
-    # (the final step retrains them), the median pruner
+    # (the final step retrains them), successive halving
     result = run_cli("--study", "mlp", "--data", "digits", "--n-trials", "4", "--epochs", "3",
                      "--final-seeds", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -65,7 +65,7 @@ def test_end_to_end_run_writes_study_and_final_files(tmp_path):
     # workers stop at the budget; two finishing at the same instant may add one more
     assert 4 <= len(study.trials) <= 5 and study.best_value > 0.5
     assert not any("reference" in t.user_attrs for t in study.trials)
-    assert study.user_attrs["config"]["pruner"] == "median"
+    assert study.user_attrs["config"]["pruner"] == "sha"
     report = (tmp_path / "runs" / "mlp-digits" / "report.md").read_text(encoding="utf-8")
     assert "lecture" in report and "seed" in report  # retrained by the final step
     assert (tmp_path / "studies.db").is_file()
