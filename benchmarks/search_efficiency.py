@@ -147,6 +147,9 @@ def _script_arm(arm: str, data: str, data_dir: str | None, seed: int, budget: fl
                 raise optuna.TrialPruned()
             best = max(best, value)
             events.append({"t": time.time() - t0, "acc": value, "trial": trial.number})
+            if time.time() - t0 >= budget:  # nothing after the budget counts: stop here
+                trial.study.stop()
+                raise optuna.TrialPruned()
             trial.report(value, epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned()

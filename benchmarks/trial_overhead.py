@@ -36,24 +36,24 @@ from search.config import RunConfig
 from search.objective import Objective
 from search.study import make_pruner, make_sampler
 
+EPOCHS = 20
+# what search.objective.Objective writes to every trial besides its reports
+ATTRIBUTES = ("worker", "seed", "settings", "device", "threads", "speed", "n_parameters",
+              "seconds_per_epoch", "epoch_ended", "best_epoch")
+
 
 def _typical_trial_seconds() -> float:
     spec = registry.get("mlp")
     dataset = data_module.load("mnist-5k")
     with tempfile.TemporaryDirectory() as folder:
-        cfg = RunConfig(study="mlp", storage=f"sqlite:///{folder}/s.db", cache_dir=folder)
+        cfg = RunConfig(study="mlp", storage=f"sqlite:///{folder}/s.db", cache_dir=folder,
+                        epochs=EPOCHS)
         objective = Objective(spec, dataset, cfg, torch.device("cpu"))
         trial = optuna.trial.FixedTrial(spec.to_trial_params(spec.references["lecture"]))
         trial.study = type("S", (), {"user_attrs": {}, "stop": lambda self: None})()
         started = time.perf_counter()
         objective(trial)
         return time.perf_counter() - started
-
-
-EPOCHS = 20
-# what search.objective.Objective writes to every trial besides its reports
-ATTRIBUTES = ("worker", "seed", "settings", "device", "threads", "speed", "n_parameters",
-              "seconds_per_epoch", "epoch_ended", "best_epoch")
 
 
 def _run(url: str, n: int, sampler: str, pruner: str) -> tuple[float, float]:
