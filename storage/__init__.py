@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import re
 import sqlite3
+import time
 import warnings
 from pathlib import Path
 
@@ -129,6 +130,21 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+CREATE_RACE_RETRIES = 3
+
+
+def _rdb_storage(url: str, engine_kwargs: dict, heartbeat_interval: int,
+                 grace_period: int) -> optuna.storages.RDBStorage:
+    with warnings.catch_warnings():
+        # heartbeats are marked experimental in Optuna; they are what makes retry work
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                          heartbeat_interval=heartbeat_interval,
+                                          grace_period=grace_period,
+                                          heartbeat_stale_trial_callback=retry)
+
+
 def open(  # noqa: A001 (storage.open is the name the design gives it)
     url: str = DEFAULT_URL,
     *,
@@ -153,17 +169,17 @@ def open(  # noqa: A001 (storage.open is the name the design gives it)
         if parsed.get_backend_name() == "postgresql":
             engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
     try:
-        with warnings.catch_warnings():
-            # heartbeats are marked experimental in Optuna; they are what makes retry work
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
-            opened = optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-                heartbeat_stale_trial_callback=retry,
-            )
+        for attempt in range(CREATE_RACE_RETRIES + 1):
+            try:
+                opened = _rdb_storage(url, engine_kwargs, heartbeat_interval, grace_period)
+                break
+            except SQLAlchemyError as exc:
+                # machines creating Optuna's tables in one new PostgreSQL database at the
+                # same instant: one wins, the others' CREATE TABLE collides in pg_type;
+                # the tables exist a moment later
+                if attempt == CREATE_RACE_RETRIES or "pg_type_typname_nsp_index" not in str(exc):
+                    raise
+                time.sleep(0.5 * (attempt + 1))
     except (SQLAlchemyError, ImportError, sqlite3.Error, RuntimeError) as exc:
         text = str(getattr(exc, "orig", None) or exc).strip()
         if "storage upgrade" in text:  # RDBStorage's schema check on a server database

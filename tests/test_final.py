@@ -297,7 +297,7 @@ def test_a_second_final_keeps_the_first_and_a_failed_one_changes_nothing(finishe
     report = (directory / "report.md").read_bytes().decode("utf-8")
     assert "±" in report  # written as UTF-8
     assert f"search.replay --storage sqlite:///{runs.parent}" in report
-    assert "equal to its\n# stored value on the CPU with one worker" in report
+    assert "CPU thread count;\n# equal to its stored value on the CPU" in report
 
 
 def test_a_reference_that_diverges_on_every_seed_is_reported_not_fatal(tmp_path, monkeypatch):

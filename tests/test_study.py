@@ -52,7 +52,8 @@ def test_references_are_pruned_like_any_trial_or_skipped(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     # successive halving keeps trial 1 only if it beats trial 0 after epoch 1: the seed net
     # (dropout 0.3) does not on digits, so it is pruned there, reference or not
-    pruned, _, _ = search(_cfg(url, "prunable", n_trials=2, epochs=3, pruner="sha"))
+    pruned, _, _ = search(_cfg(url, "prunable", n_trials=2, epochs=3, pruner="sha",
+                               references="prunable"))
     seed_net = pruned.trials[1]
     assert seed_net.user_attrs["reference"] == "seed"
     assert seed_net.state == TrialState.PRUNED and sorted(seed_net.intermediate_values) == [1]
@@ -71,7 +72,7 @@ def test_resuming_does_not_replay_the_same_trials(tmp_path, sampler):
     for _ in range(2):
         study, _, _ = search(_cfg(url, "replay", n_trials=3, epochs=1, sampler=sampler))
     sampled = [t.params for t in study.get_trials() if "reference" not in t.user_attrs]
-    assert len(sampled) == 4
+    assert len(sampled) == 6  # the mlp study does not search its references by default
     assert all(a != b for i, a in enumerate(sampled) for b in sampled[i + 1:])
 
 
