@@ -77,7 +77,8 @@ MIN_EPOCHS = 3
 def epochs_for(spec: StudySpec, n_train: int, batch_size: int) -> int:
     """Epochs per trial when --epochs is not given: the study's default on small data; on
     large data, enough epochs for about `spec.steps_per_trial` optimizer steps (an epoch of
-    60,000 images is 19x one of 3,200; benchmarks/search_efficiency.py chose the number)."""
+    60,000 images is 19x one of 3,200; the number is from benchmarks/mlp_schedule.py on
+    MNIST, README "Defaults")."""
     if spec.steps_per_trial is None:
         return spec.default_epochs
     steps_per_epoch = max(1, math.ceil(n_train / batch_size))
