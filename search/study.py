@@ -7,6 +7,7 @@ its first trials. Resuming checks that the data and the space are the ones it wa
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -69,16 +70,30 @@ def _vectorize_tpe() -> None:
 
 
 class TrialSeeded(optuna.samplers.BaseSampler):
-    """`inner`, its random state set from (study seed, trial number) before every trial.
+    """`inner`, its random state set from (study seed, trial number) before every trial, and
+    the study's trials read once per trial.
 
     A sampler seeded once per process draws the same random points in every process that
     starts with the same seed: two machines starting one study at the same instant, or a
     resumed run replaying the last run's draws. Trial numbers are unique within a study, so
     each trial's random draws are its own, and the same on every rerun of the same history.
+
+    TPE with constant_liar (parallel workers) reads every trial of the study again for each
+    parameter it suggests, since other workers' trials may start meanwhile: ten reads per mlp
+    trial, about 7 ms each on PostgreSQL (benchmarks/trial_overhead.py). The inner sampler
+    sees the study through _TrialsOnce instead: the trials as they were at the trial's first
+    suggestion, running ones included, for all of its parameters.
     """
 
     def __init__(self, inner: optuna.samplers.BaseSampler, seed: int) -> None:
         self.inner, self.seed = inner, seed
+        self._views: dict[int, _TrialsOnce] = {}  # by trial number, while it suggests
+
+    def _view(self, study, trial) -> _TrialsOnce:
+        view = self._views.get(trial.number)
+        if view is None:
+            view = self._views[trial.number] = _TrialsOnce(study)
+        return view
 
     def before_trial(self, study, trial) -> None:
         state = trial_seed(self.seed, trial.number)
@@ -89,33 +104,81 @@ class TrialSeeded(optuna.samplers.BaseSampler):
         self.inner.before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):
-        return self.inner.infer_relative_search_space(study, trial)
+        return self.inner.infer_relative_search_space(self._view(study, trial), trial)
 
     def sample_relative(self, study, trial, search_space):
-        return self.inner.sample_relative(study, trial, search_space)
+        return self.inner.sample_relative(self._view(study, trial), trial, search_space)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+        return self.inner.sample_independent(self._view(study, trial), trial, param_name,
+                                             param_distribution)
 
     def after_trial(self, study, trial, state, values) -> None:
+        self._views.pop(trial.number, None)
         self.inner.after_trial(study, trial, state, values)
 
     def reseed_rng(self) -> None:
         self.inner.reseed_rng()
 
 
+class _TrialsOnce:
+    """A study whose trials are read from the storage once, at the first call that asks for
+    them; everything else is the study's own."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+        self._trials: list[optuna.trial.FrozenTrial] | None = None
+
+    def __getattr__(self, name: str):
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False):
+        if self._trials is None:
+            self._trials = self._study._get_trials(deepcopy=False, states=None,
+                                                   use_cache=False)
+        trials = self._trials if states is None else [
+            t for t in self._trials if t.state in states]
+        return copy.deepcopy(trials) if deepcopy else trials
+
+    def get_trials(self, deepcopy: bool = True, states=None):
+        return self._get_trials(deepcopy, states)
+
+
+REDUCTION_FACTOR = 3  # successive halving and Hyperband keep the best third at each rung
+
+
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     """Raises ConfigError on an unknown pruner name."""
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs,
-                                              reduction_factor=3)
+        return AtRungs(optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=epochs, reduction_factor=REDUCTION_FACTOR))
     if name == "sha":  # asynchronous successive halving (ASHA): one bracket of Hyperband
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+        return AtRungs(optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=1, reduction_factor=REDUCTION_FACTOR))
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
     if name == "none":
         return optuna.pruners.NopPruner()
     raise ConfigError(f"unknown pruner {name!r}; choose {', '.join(PRUNERS)}")
+
+
+class AtRungs(optuna.pruners.BasePruner):
+    """Successive halving or Hyperband (min_resource 1), asked only at the epochs where it can
+    prune: its rungs, 1, 3, 9, 27, ... (every bracket's are powers of the reduction factor).
+    At any other epoch the inner pruner answers no after reading the trial's rung marks from
+    the storage, one query per epoch; Objective reports every epoch from 1, so no rung is
+    skipped."""
+
+    def __init__(self, inner: optuna.pruners.BasePruner) -> None:
+        self.inner = inner
+
+    def prune(self, study, trial) -> bool:
+        step = trial.last_step
+        if step is None or step < 1:
+            return False
+        while step % REDUCTION_FACTOR == 0:
+            step //= REDUCTION_FACTOR
+        return step == 1 and self.inner.prune(study, trial)
 
 
 def open_study(cfg: RunConfig, spec: StudySpec, dataset: Dataset,

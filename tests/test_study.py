@@ -235,3 +235,69 @@ def test_tpe_draws_the_same_with_scipy_log_ndtr(monkeypatch):
 # Optuna's own, kept before any make_sampler call of this session replaces it
 _ORIGINAL_LOG_NDTR = __import__("optuna.samplers._tpe._truncnorm",
                                 fromlist=["_log_ndtr"])._log_ndtr
+
+
+def test_tpe_reads_the_trials_once_per_trial_and_draws_the_same(monkeypatch):
+    """search.study.TrialSeeded shows TPE the study's trials as read at a trial's first
+    suggestion: one storage read per trial instead of one per parameter, the same draws."""
+    from search.study import TrialSeeded, make_sampler
+
+    def draws() -> tuple[list[dict], int]:
+        study = optuna.create_study(direction="maximize", sampler=make_sampler("tpe", 5))
+        reads, suggesting = [], []
+        real = study._storage.get_all_trials
+
+        def counted(*args, **kwargs):
+            if suggesting:
+                reads[-1] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(study._storage, "get_all_trials", counted)
+
+        def objective(trial):
+            reads.append(0)
+            suggesting.append(True)
+            params = mlp_space.suggest(trial)
+            suggesting.clear()
+            return (sum(params.widths) % 89) / 89 + params.dropout_rate
+        study.optimize(objective, n_trials=30)
+        return [t.params for t in study.trials], max(reads[10:])
+
+    ours, most = draws()
+    assert most == 1
+    monkeypatch.setattr(TrialSeeded, "_view", lambda self, study, trial: study)
+    theirs, most = draws()
+    assert most >= 5  # the study as Optuna shows it: read again for every parameter
+    assert theirs == ours
+
+
+@pytest.mark.parametrize("name", ["sha", "hyperband"])
+def test_pruners_asked_only_at_their_rungs_prune_the_same_trials(name):
+    """search.study.AtRungs skips the epochs where successive halving cannot prune: the
+    same trials are pruned at the same epochs as by the pruner asked at every epoch."""
+    import random
+
+    from search.study import make_pruner
+
+    def run(pruner) -> list[tuple]:
+        rng = random.Random(7)
+        study = optuna.create_study(study_name="rungs", direction="maximize",
+                                    sampler=optuna.samplers.RandomSampler(seed=0),
+                                    pruner=pruner)
+
+        def objective(trial):
+            final, value = rng.random(), 0.0
+            for epoch in range(1, 21):
+                value = final * (1 - 0.7 ** epoch) + rng.gauss(0, 0.02)
+                trial.report(value, epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned()
+            return value
+        study.optimize(objective, n_trials=40)
+        return [(t.state, t.last_step) for t in study.trials]
+
+    ours = run(make_pruner(name, 20))
+    inner = run(make_pruner(name, 20).inner)
+    assert ours == inner
+    assert sum(state == TrialState.PRUNED for state, _ in ours) >= 10
+    assert {step for state, step in ours if state == TrialState.PRUNED} <= {1, 3, 9}
