@@ -178,7 +178,7 @@ def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, D
     try:
         if n_trials and len(devices) > 1:  # this run's share of the study's budget
             run_workers(study, dataclasses.replace(cfg, n_trials=n_trials),
-                        devices[:n_trials], reporter)
+                        devices[:n_trials], reporter, dataset, weights)
         elif n_trials:
             objective = Objective(spec, dataset, cfg, torch.device(devices[0]), weights)
             study.optimize(objective, n_trials=n_trials, timeout=cfg.timeout,

@@ -1,11 +1,12 @@
 """Several trial workers for one `python -m search.run` (--workers N, or one per GPU).
 
-Each worker is a process of its own on one device: it loads the data once, opens the same
-storage and pulls trials from the same study until the run's budget (--n-trials more trials
-than the study had when the run started, counting running ones; search.budget) is used up.
-The parent process logs each finished trial, as a single worker does, replaces a worker
-that dies (its trial failed and retried at once, not after a heartbeat's grace period), and
-runs the final step.
+The first worker is the parent process itself (its data is loaded, its imports are done);
+each other one is a spawned process on its own device that loads the data once, opens the
+same storage and pulls trials from the same study until the run's budget (--n-trials more
+trials than the study had when the run started, counting running ones; search.budget) is
+used up. A thread of the parent logs each finished trial, as a single worker does, and
+replaces a spawned worker that dies (its trial failed and retried at once, not after a
+heartbeat's grace period); the parent runs the final step.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import os
 import signal
 import sys
 import threading
-import time
 import warnings
 from dataclasses import asdict
 
@@ -115,11 +115,17 @@ def fail_and_retry(study: optuna.Study, pid: int, retry: bool = True) -> list[in
     return failed
 
 
-def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporter) -> None:
-    """Run this run's --n-trials in one process per entry of `devices`; `reporter(study,
-    trial)` sees each finished trial. A worker that dies (killed, out of host memory) has its
-    trial failed and retried, and is replaced while the budget is not used. Raises
-    ConfigError when every worker failed on its own configuration."""
+def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporter,
+                dataset, weights=None) -> None:
+    """Run this run's --n-trials on every entry of `devices`: this process runs trials on the
+    first while a spawned process runs each other one (this process has its data loaded and
+    its imports done already: its first trial starts seconds before a spawned worker's);
+    `reporter(study, trial)` sees each finished trial, from a thread of this process. A worker
+    that dies (killed, out of host memory) has its trial failed and retried, and is replaced
+    while the budget is not used. Raises ConfigError when this process's own trials cannot
+    run (the workers' configuration is the same)."""
+    from search.objective import TRIAL_FAILURES, Objective
+
     target = budget.budget_used(study) + cfg.n_trials
     cpu_workers = sum(1 for d in devices if d == "cpu")
     threads = max(1, (os.cpu_count() or 1) // max(1, cpu_workers))
@@ -133,45 +139,77 @@ def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporte
 
     log.info("%d workers on %s, until the study holds %d trials", len(devices),
              ", ".join(devices), target)
-    seen = {t.number for t in study.get_trials(deepcopy=False, states=_FINISHED)}
-    processes = [start(slot) for slot in range(len(devices))]
-    pids = [p.pid for p in processes]
-    replacements = 2 * len(devices)  # a worker that dies at every start is not restarted forever
-    config_errors = 0
-    interrupted = threading.Event()  # Ctrl-C: a flag, so it never lands inside a library call
-    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+    processes = [start(slot) for slot in range(1, len(devices))]
+    monitor = _Monitor(study, processes, start, target, reporter)
+    monitor.start()
+    here = devices[0]
+    all_threads = torch.get_num_threads()
+    if here == "cpu":
+        torch.set_num_threads(threads)  # this process is one of the CPU workers
     try:
-        while any(p is not None for p in processes) and not interrupted.is_set():
-            for slot, process in enumerate(processes):
+        objective = Objective(registry.get(cfg.study), dataset, cfg, torch.device(here), weights)
+        study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout,
+                       callbacks=[budget.StopAtBudget(target)], catch=TRIAL_FAILURES)
+        monitor.join()  # until every worker has finished its trials
+    except BaseException:  # Ctrl-C, or this process's own error: the workers stop too
+        monitor.stop()
+        for pid in (os.getpid(), *monitor.pids):  # failed now, not left RUNNING
+            fail_and_retry(study, pid, retry=False)
+        raise
+    finally:
+        torch.set_num_threads(all_threads)
+    monitor.report_new()
+
+
+class _Monitor(threading.Thread):
+    """The thread of run_workers that watches the spawned workers: logs each finished trial
+    (its own and theirs) and replaces a worker that died."""
+
+    def __init__(self, study, processes, start, target: int, reporter) -> None:
+        super().__init__(name="search-workers-monitor", daemon=True)
+        self.study, self.processes, self.start_worker = study, processes, start
+        self.target, self.reporter = target, reporter
+        self.pids = [p.pid for p in processes]
+        self.seen = {t.number for t in study.get_trials(deepcopy=False, states=_FINISHED)}
+        self.replacements = 2 * (len(processes) + 1)  # not restarted forever
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()  # report_new from the thread and from its owner
+
+    def run(self) -> None:
+        while any(p is not None for p in self.processes) and not self.stopping.is_set():
+            for index, process in enumerate(self.processes):
                 if process is None or process.is_alive():
                     continue
                 process.join()
-                processes[slot] = None
-                if process.exitcode == 2:
-                    config_errors += 1
-                elif process.exitcode != 0:
-                    retried = fail_and_retry(study, process.pid)
-                    log.warning("%s died (exit code %s)%s", process.name, process.exitcode,
-                                f"; trial {', '.join(map(str, retried))} failed and retried"
-                                if retried else "")
-                    if budget.budget_used(study) < target and replacements > 0:
-                        replacements -= 1
-                        processes[slot] = start(slot)
-                        pids.append(processes[slot].pid)
-            for trial in study.get_trials(deepcopy=False, states=_FINISHED):
-                if trial.number not in seen:
-                    seen.add(trial.number)
-                    reporter(study, trial)
-            time.sleep(POLL_S)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        for process in processes:
+                self.processes[index] = None
+                if process.exitcode not in (0, 2):  # 2: its configuration, said in one line
+                    self._replace(index, process)
+            self.report_new()
+            self.stopping.wait(POLL_S)
+
+    def _replace(self, index: int, process) -> None:
+        retried = fail_and_retry(self.study, process.pid)
+        log.warning("%s died (exit code %s)%s", process.name, process.exitcode,
+                    f"; trial {', '.join(map(str, retried))} failed and retried"
+                    if retried else "")
+        if budget.budget_used(self.study) < self.target and self.replacements > 0:
+            self.replacements -= 1
+            self.processes[index] = self.start_worker(index + 1)
+            self.pids.append(self.processes[index].pid)
+
+    def report_new(self) -> None:
+        with self.lock:
+            for trial in self.study.get_trials(deepcopy=False, states=_FINISHED):
+                if trial.number not in self.seen:
+                    self.seen.add(trial.number)
+                    self.reporter(self.study, trial)
+
+    def stop(self) -> None:
+        """Stop watching and end every worker (SIGTERM's default action: gone, nothing
+        printed)."""
+        self.stopping.set()
+        self.join()
+        for process in self.processes:
             if process is not None and process.is_alive():
-                process.terminate()  # SIGTERM's default action: gone, nothing printed
+                process.terminate()
                 process.join()
-    if interrupted.is_set():
-        for pid in pids:  # their running trials are failed now, not left RUNNING
-            fail_and_retry(study, pid, retry=False)
-        raise KeyboardInterrupt
-    if config_errors == len(devices):
-        raise ConfigError("every worker failed; see their messages above")

@@ -64,15 +64,16 @@ def test_a_killed_worker_is_failed_retried_and_replaced(tmp_path):
     storage_url = f"sqlite:///{tmp_path / 'studies.db'}"
     victim = None
     deadline = time.monotonic() + 300
-    while victim is None and time.monotonic() < deadline:  # a worker in the middle of a trial
+    # a spawned worker in the middle of a trial (the parent runs trials too: not that one)
+    while victim is None and time.monotonic() < deadline:
         time.sleep(0.5)
         try:
             study = optuna.load_study(study_name="mlp-digits", storage=storage_url)
             running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
         except Exception:  # the study is not created yet
             continue
-        workers = [t.user_attrs.get("worker", "") for t in running]
-        victim = next((int(w.split(":")[1]) for w in workers if w), None)
+        pids = [int(w.split(":")[1]) for t in running if (w := t.user_attrs.get("worker"))]
+        victim = next((pid for pid in pids if pid != run.pid), None)
     assert victim is not None, "no trial started"
     os.kill(victim, signal.SIGKILL)
     _, err = run.communicate(timeout=600)

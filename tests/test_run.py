@@ -134,3 +134,23 @@ def test_cpu_workers_follow_the_cores():
     assert workers.CPU_WORKERS_PER_CORE  # the measured default (README, "Defaults")
     for cores, expected in ((1, 1), (2, 2), (16, workers.CPU_WORKERS_MAX), (128, 8)):
         assert workers.cpu_workers(cores) == expected
+
+
+def test_the_parent_process_is_one_of_the_workers(tmp_path):
+    """With --workers 2 this process runs trials itself, single-threaded like each spawned
+    worker, while the other worker starts; it gets its threads back for the final step."""
+    import torch
+
+    from search.config import RunConfig
+    from search.objective import worker_id
+    from search.run import search
+
+    threads = torch.get_num_threads()
+    study, _, _ = search(RunConfig(study="mlp", data="digits", n_trials=4, epochs=2,
+                                   workers=2, device="cpu", final=False,
+                                   storage=f"sqlite:///{tmp_path / 's.db'}"))
+    ours = [t for t in study.trials if t.user_attrs.get("worker") == worker_id()]
+    assert ours, [t.user_attrs.get("worker") for t in study.trials]
+    assert {t.user_attrs["threads"] for t in ours} == {max(1, (os.cpu_count() or 1) // 2)}
+    assert torch.get_num_threads() == threads
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
