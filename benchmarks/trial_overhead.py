@@ -1,5 +1,5 @@
 """python benchmarks/trial_overhead.py [--sizes 10,100,1000] [--samplers tpe,...]
-    [--pruner hyperband] [--postgres URL]
+    [--pruner sha] [--postgres URL]
 
 The service's own cost per trial, without training: what every trial pays for the sampler
 (each of --samplers over the mlp space), the storage (SQLite with the service's settings,
@@ -20,6 +20,7 @@ test: timings on a shared machine are noisy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import tempfile
 import time
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import optuna
 import torch
+from optuna.samplers._tpe import _truncnorm
 
 import storage
 from search import budget, registry
@@ -56,14 +58,41 @@ def _typical_trial_seconds() -> float:
         return time.perf_counter() - started
 
 
+# Optuna's own log Phi, kept before make_sampler replaces it (search.study._vectorize_tpe)
+OPTUNA_LOG_NDTR = _truncnorm._log_ndtr
+PLAIN = "optuna-tpe"  # --samplers name: the same TPE and pruner as Optuna ships them
+
+
+@contextlib.contextmanager
+def _as_optuna_ships(plain: bool):
+    """For PLAIN: Optuna's TPE as it ships (its own log Phi, the study re-read for each
+    parameter) and the pruner asked at every epoch, to set the service's changes against."""
+    saved = _truncnorm._log_ndtr
+    if plain:
+        _truncnorm._log_ndtr = OPTUNA_LOG_NDTR
+    try:
+        yield
+    finally:
+        _truncnorm._log_ndtr = saved
+
+
 def _run(url: str, n: int, sampler: str, pruner: str) -> tuple[float, float]:
     """(sampler + storage + pruner, budget + reporting) seconds per trial over the last
     tenth of a study of `n` trials."""
+    with _as_optuna_ships(sampler == PLAIN):
+        return _run_study(url, n, sampler, pruner)
+
+
+def _run_study(url: str, n: int, sampler: str, pruner: str) -> tuple[float, float]:
     spec = registry.get("mlp")
     opened = storage.open(url)
+    if sampler == PLAIN:
+        chosen, pruned = make_sampler("tpe", 0).inner, make_pruner(pruner, EPOCHS)
+        pruned = getattr(pruned, "inner", pruned)
+    else:
+        chosen, pruned = make_sampler(sampler, 0), make_pruner(pruner, EPOCHS)
     study = optuna.create_study(storage=opened, study_name=f"overhead-{uuid.uuid4().hex[:8]}",
-                                direction="maximize", sampler=make_sampler(sampler, 0),
-                                pruner=make_pruner(pruner, EPOCHS))
+                                direction="maximize", sampler=chosen, pruner=pruned)
     study.set_user_attr("max_trials", n)
     service_s: list[float] = []
     stop = budget.StopAtBudget()
@@ -104,8 +133,9 @@ def _run(url: str, n: int, sampler: str, pruner: str) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10,100,1000")
-    parser.add_argument("--samplers", default="tpe", help="comma-separated --sampler names")
-    parser.add_argument("--pruner", default="hyperband")
+    parser.add_argument("--samplers", default="tpe", help="comma-separated --sampler names, "
+                        f"or {PLAIN}: TPE and the pruner as Optuna ships them")
+    parser.add_argument("--pruner", default="sha", help="the service's default")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -123,14 +153,19 @@ def main() -> None:
             print(f"postgresql skipped: {str(exc).splitlines()[0]}")
         print(f"{'storage':10} {'sampler':16} {'trials':>6} {'sampler+storage':>16} "
               f"{'budget+log':>11} {'per trial':>10} {'of a trial':>10}", flush=True)
+        per_trial = {}
         for name, url in backends.items():
             for sampler in args.samplers.split(","):
                 for n in sizes:
                     optuna_s, ours = _run(url(), n, sampler, args.pruner)
-                    per = optuna_s + ours
+                    per = per_trial[name, sampler, n] = optuna_s + ours
                     print(f"{name:10} {sampler:16} {n:6d} {optuna_s * 1000:13.1f} ms "
                           f"{ours * 1000:8.1f} ms {per * 1000:7.1f} ms {per / typical:9.1%}",
                           flush=True)
+    for (name, sampler, n), per in per_trial.items():  # the service's changes, side by side
+        plain = per_trial.get((name, PLAIN, n))
+        if plain is not None and sampler != PLAIN:
+            print(f"{name} {n} trials: {PLAIN} / {sampler} = {plain / per:.1f}x")
 
 
 if __name__ == "__main__":
