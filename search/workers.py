@@ -26,6 +26,7 @@ import torch
 import storage
 from search import budget, registry
 from search.config import RunConfig
+from search.data import without_test
 from search.errors import ConfigError
 from search.train import resolve_device
 
@@ -63,11 +64,11 @@ def plan_devices(cfg: RunConfig) -> list[str]:
 
 
 def _worker(cfg_dict: dict, study_name: str, device: str, index: int, target: int,
-            threads: int) -> None:
-    """Entry point of one worker process (spawned: nothing is inherited but arguments).
-    Exits 2 with one line on a configuration error. Ctrl-C is the parent's to handle."""
+            threads: int, dataset) -> None:
+    """Entry point of one worker process (spawned: nothing is inherited but arguments; the
+    data comes as one, its training and validation splits only). Exits 2 with one line on a
+    configuration error. Ctrl-C is the parent's to handle."""
     import storage
-    from search import data as data_module
     from search import registry
     from search.objective import TRIAL_FAILURES, Objective
     from search.study import make_pruner, make_sampler
@@ -84,7 +85,6 @@ def _worker(cfg_dict: dict, study_name: str, device: str, index: int, target: in
         study = optuna.load_study(study_name=study_name, storage=storage.open(cfg.storage))
         study.sampler = make_sampler(cfg.sampler, cfg.seed)  # seeded per trial number
         study.pruner = make_pruner(cfg.pruner, cfg.epochs)
-        dataset = data_module.load(study.user_attrs["data"]["dataset"], cfg.data_dir)
         objective = Objective(registry.get(cfg.study), dataset, cfg, torch.device(device))
         if budget.budget_used(study) < target:
             study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout,
@@ -130,10 +130,13 @@ def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporte
     cpu_workers = sum(1 for d in devices if d == "cpu")
     threads = max(1, (os.cpu_count() or 1) // max(1, cpu_workers))
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used after fork
+    # handed to each worker (pickled, no second load and no scikit-learn import there);
+    # the test split stays here: the search never sees it
+    searched = without_test(dataset)
 
     def start(slot: int):
         process = context.Process(target=_worker, name=f"search-worker-{slot}", args=(
-            asdict(cfg), study.study_name, devices[slot], slot, target, threads))
+            asdict(cfg), study.study_name, devices[slot], slot, target, threads, searched))
         process.start()
         return process
 

@@ -239,3 +239,16 @@ def test_channel_stats_per_channel():
     rgb[:2, 2] = 255
     mean, std = channel_stats(rgb)
     assert mean == pytest.approx((0.0, 1.0, 0.5)) and std == pytest.approx((0.0, 0.0, 0.5))
+
+
+def test_workers_are_handed_the_data_without_its_test_split():
+    import pickle
+
+    from search.data import without_test
+
+    dataset = load("digits")
+    handed = pickle.loads(pickle.dumps(without_test(dataset)))  # as a spawned worker gets it
+    assert len(handed.test) == 0 and len(dataset.test) > 0
+    assert torch.equal(handed.train.x, dataset.train.x)
+    assert torch.equal(handed.val.y, dataset.val.y)
+    assert (handed.name, handed.channel_mean) == (dataset.name, dataset.channel_mean)
