@@ -150,7 +150,8 @@ def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporte
     if here == "cpu":
         torch.set_num_threads(threads)  # this process is one of the CPU workers
     try:
-        objective = Objective(registry.get(cfg.study), dataset, cfg, torch.device(here), weights)
+        objective = Objective(registry.get(cfg.study), searched, cfg, torch.device(here),
+                              weights)
         study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout,
                        callbacks=[budget.StopAtBudget(target)], catch=TRIAL_FAILURES)
         monitor.join()  # until every worker has finished its trials
@@ -180,15 +181,22 @@ class _Monitor(threading.Thread):
 
     def run(self) -> None:
         while any(p is not None for p in self.processes) and not self.stopping.is_set():
-            for index, process in enumerate(self.processes):
-                if process is None or process.is_alive():
-                    continue
-                process.join()
-                self.processes[index] = None
-                if process.exitcode not in (0, 2):  # 2: its configuration, said in one line
-                    self._replace(index, process)
-            self.report_new()
+            try:
+                self._poll()
+            except Exception as exc:  # noqa: BLE001 - e.g. the database briefly unreachable:
+                # keep watching (the workers go on; they retry the storage themselves)
+                log.warning("watching the workers: %s", str(exc).splitlines()[0])
             self.stopping.wait(POLL_S)
+
+    def _poll(self) -> None:
+        for index, process in enumerate(self.processes):
+            if process is None or process.is_alive():
+                continue
+            process.join()
+            self.processes[index] = None
+            if process.exitcode not in (0, 2):  # 2: its configuration, said in one line
+                self._replace(index, process)
+        self.report_new()
 
     def _replace(self, index: int, process) -> None:
         retried = fail_and_retry(self.study, process.pid)
