@@ -301,7 +301,7 @@ def main() -> int:
         return 0
 
     arms: dict[str, list[str] | None] = {}
-    for name in args.arms.split(","):
+    for name in filter(None, args.arms.split(",")):  # --arms "": the variants alone
         arms[name] = {"naive": None, "expert": None, "ours": [],
                       "random": ["--sampler", "random"]}[name]
     for variant in args.variant:
