@@ -1,12 +1,12 @@
 """Several trial workers for one `python -m search.run` (--workers N, or one per GPU).
 
 The first worker is the parent process itself (its data is loaded, its imports are done);
-each other one is a spawned process on its own device that loads the data once, opens the
-same storage and pulls trials from the same study until the run's budget (--n-trials more
-trials than the study had when the run started, counting running ones; search.budget) is
-used up. A thread of the parent logs each finished trial, as a single worker does, and
-replaces a spawned worker that dies (its trial failed and retried at once, not after a
-heartbeat's grace period); the parent runs the final step.
+each other one is a spawned process on its own device, handed the training and validation
+splits, that opens the same storage and pulls trials from the same study until the run's
+budget (--n-trials more trials than the study had when the run started, counting running
+ones; search.budget) is used up. A thread of the parent logs each finished trial, as a
+single worker does, and replaces a spawned worker that dies (its trial failed and retried
+at once, not after a heartbeat's grace period); the parent runs the final step.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def plan_devices(cfg: RunConfig) -> list[str]:
 def _worker(cfg_dict: dict, study_name: str, device: str, index: int, target: int,
             threads: int, dataset) -> None:
     """Entry point of one worker process (spawned: nothing is inherited but arguments; the
-    data comes as one, its training and validation splits only). Exits 2 with one line on a
-    configuration error. Ctrl-C is the parent's to handle."""
+    data is one of them, its training and validation splits only). Exits 2 with one line on
+    a configuration error. Ctrl-C is the parent's to handle."""
     import storage
     from search import registry
     from search.objective import TRIAL_FAILURES, Objective
