@@ -70,7 +70,7 @@ def _worker(cfg_dict: dict, study_name: str, device: str, index: int, target: in
     a configuration error. Ctrl-C is the parent's to handle."""
     import storage
     from search import registry
-    from search.objective import TRIAL_FAILURES, Objective
+    from search.objective import Objective
     from search.study import make_pruner, make_sampler
 
     # Ctrl-C reaches the whole process group; the parent alone handles it (it stops the
@@ -85,13 +85,21 @@ def _worker(cfg_dict: dict, study_name: str, device: str, index: int, target: in
         study = optuna.load_study(study_name=study_name, storage=storage.open(cfg.storage))
         study.sampler = make_sampler(cfg.sampler, cfg.seed)  # seeded per trial number
         study.pruner = make_pruner(cfg.pruner, cfg.epochs)
-        objective = Objective(registry.get(cfg.study), dataset, cfg, torch.device(device))
-        if budget.budget_used(study) < target:
-            study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout,
-                           callbacks=[budget.StopAtBudget(target)], catch=TRIAL_FAILURES)
+        _pull_trials(study, Objective(registry.get(cfg.study), dataset, cfg,
+                                      torch.device(device)), cfg, target)
     except ConfigError as exc:
         print(f"worker {index}: error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def _pull_trials(study: optuna.Study, objective, cfg: RunConfig, target: int) -> None:
+    """One worker's share: trials of `study` until it holds `target` counted trials, or
+    --n-trials / --timeout of this worker run out (a failed trial fails alone)."""
+    from search.objective import TRIAL_FAILURES
+
+    if budget.budget_used(study) < target:
+        study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout,
+                       callbacks=[budget.StopAtBudget(target)], catch=TRIAL_FAILURES)
 
 
 def fail_and_retry(study: optuna.Study, pid: int, retry: bool = True) -> list[int]:
@@ -124,7 +132,7 @@ def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporte
     that dies (killed, out of host memory) has its trial failed and retried, and is replaced
     while the budget is not used. Raises ConfigError when this process's own trials cannot
     run (the workers' configuration is the same)."""
-    from search.objective import TRIAL_FAILURES, Objective
+    from search.objective import Objective
 
     target = budget.budget_used(study) + cfg.n_trials
     cpu_workers = sum(1 for d in devices if d == "cpu")
@@ -150,10 +158,8 @@ def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporte
     if here == "cpu":
         torch.set_num_threads(threads)  # this process is one of the CPU workers
     try:
-        objective = Objective(registry.get(cfg.study), searched, cfg, torch.device(here),
-                              weights)
-        study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout,
-                       callbacks=[budget.StopAtBudget(target)], catch=TRIAL_FAILURES)
+        _pull_trials(study, Objective(registry.get(cfg.study), searched, cfg,
+                                      torch.device(here), weights), cfg, target)
         monitor.join()  # until every worker has finished its trials
     except BaseException:  # Ctrl-C, or this process's own error: the workers stop too
         monitor.stop()
