@@ -52,10 +52,14 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 class Objective:
     def __init__(self, spec: StudySpec, dataset: Dataset, cfg: RunConfig,
-                 device: torch.device, weights: VGGWeights | None = None) -> None:
+                 device: torch.device, weights: VGGWeights | None = None,
+                 speed: Speed | None = None) -> None:
+        """`speed`: train every trial with these settings (a replay, those its trial had);
+        None: Speed.of each trial's model on `device`."""
         self.spec = spec
         self.cfg = cfg
         self.device = device
+        self.speed = speed
         self.image_shape = dataset.image_shape
         self.n_classes = len(dataset.classes)
         self.mean, self.std = dataset.channel_mean, dataset.channel_std
@@ -113,7 +117,8 @@ class Objective:
         trial.set_user_attr("device", str(self.device))
         # CPU threads: another count sums in another order, so a replay uses the same
         trial.set_user_attr("threads", torch.get_num_threads())
-        trial.set_user_attr("speed", Speed.of(model, self.device).describe())
+        speed = self.speed or Speed.of(model, self.device)
+        trial.set_user_attr("speed", speed.describe())
         trial.set_user_attr("n_parameters", count_parameters(model))
         if self.features is not None:  # did this trial have to run the backbone?
             trial.set_user_attr("backbone_runs", len(self.features.computed) - computed)
@@ -138,7 +143,7 @@ class Objective:
         try:
             train_built(built, train, val, epochs=self.cfg.epochs,
                         batch_size=self.cfg.batch_size, seed=seed, on_epoch=on_epoch,
-                        epoch_images=epoch_images)
+                        epoch_images=epoch_images, speed=speed)
         except TrialDiverged as exc:
             # a bad region of the space, not a broken run: prune, so the sampler learns it
             trial.set_user_attr("failure", str(exc))

@@ -35,8 +35,9 @@ class Built:
 
     model: nn.Module
     loss_fn: nn.Module
-    # called after the model is moved to its device, so the optimizer holds those tensors
-    make_optimizer: Callable[[nn.Module], Any]
+    # (model, fused) -> optimizer; called after the model is moved to its device, so the
+    # optimizer holds those tensors (fused: search.train.make_optimizer)
+    make_optimizer: Callable[..., Any]
     # (optimizer, total steps) -> a per-batch schedule, or None for a constant rate
     make_scheduler: Callable[[Any, int], Any] = lambda optimizer, steps: None
     augment: AugmentSpec = AugmentSpec()  # applied to the training images only
@@ -106,7 +107,8 @@ def build_mlp(params: mlp_space.MLPParams, image_shape, n_classes: int, mean, st
         std=_scalar(std),
     )
     return Built(model, pair.make_loss(),
-                 lambda m: make_optimizer(params.optimizer, m, params.lr),
+                 lambda m, fused=False: make_optimizer(params.optimizer, m, params.lr,
+                                                       fused=fused),
                  lambda optimizer, steps: make_scheduler(params.schedule, optimizer, params.lr,
                                                          steps))
 
@@ -129,7 +131,7 @@ def build_cnn(params: cnn_space.CNNParams, image_shape, n_classes: int, mean, st
     )
     return Built(
         model, pair.make_loss(),
-        lambda m: make_optimizer(params.optimizer, m, params.lr),
+        lambda m, fused=False: make_optimizer(params.optimizer, m, params.lr, fused=fused),
         lambda optimizer, steps: make_scheduler(params.schedule, optimizer, params.lr, steps),
         params.augment,
     )
@@ -137,7 +139,8 @@ def build_cnn(params: cnn_space.CNNParams, image_shape, n_classes: int, mean, st
 
 def _vgg16_training(params: vgg16_space.VGGParams, model: nn.Module) -> Built:
     return Built(model, nn.CrossEntropyLoss(label_smoothing=params.label_smoothing),
-                 lambda m: make_optimizer(params.optimizer, m, params.lr, params.weight_decay))
+                 lambda m, fused=False: make_optimizer(params.optimizer, m, params.lr,
+                                                       params.weight_decay, fused))
 
 
 def build_vgg16(params: vgg16_space.VGGParams, image_shape, n_classes: int, mean, std, *,

@@ -1,11 +1,11 @@
 """python -m search.replay --study-name NAME --trial N [--storage URL] [--device cpu]
 
 Trains trial N of a stored study again, from its stored params, seed and settings (epochs,
-batch size; the data the study recorded), through the same Objective the search used, and
-prints the validation accuracy it reaches beside the stored one, epoch by epoch where the
-trial was pruned. On the CPU, with the trial run by one worker, the two are equal; trials
-run on a GPU (cuDNN picks kernels per run) or by several workers sharing the cores (another
-thread count sums floats in another order) can differ in the last digits.
+batch size, precision and optimizer kernel; the data the study recorded), through the same
+Objective the search used, and prints the validation accuracy it reaches beside the stored
+one, epoch by epoch where the trial was pruned. On the CPU the two are equal (the replay
+uses the trial's thread count: another count sums floats in another order); trials run on a
+GPU (cuDNN picks kernels per run) can differ in the last digits.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from search.errors import ConfigError
 from search.models.vgg16 import resolve_weights
 from search.objective import Objective
 from search.study import config_of_study, last_value, load_existing, load_study_data
-from search.train import resolve_device
+from search.train import Speed, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,19 @@ class ReplayTrial(optuna.trial.FixedTrial):
         return False
 
 
+def _stored_speed(stored: optuna.trial.FrozenTrial) -> Speed | None:
+    """The precision, layout and optimizer kernel the trial trained with (its `speed`
+    attribute), or None (today's settings for the device) when it has none this release
+    reads."""
+    text = stored.user_attrs.get("speed")
+    try:
+        return None if text is None else Speed.parse(str(text))
+    except ValueError:
+        log.warning("trial %d recorded speed settings %r, which this release does not know; "
+                    "replaying with this device's own", stored.number, text)
+        return None
+
+
 def replay(study: optuna.Study, number: int, device: str = "cpu",
            data_dir: str | None = None) -> tuple[float | None, float, ReplayTrial]:
     """(stored value, replayed value at the same epoch, the replayed trial)."""
@@ -66,8 +79,9 @@ def replay(study: optuna.Study, number: int, device: str = "cpu",
     # as many CPU threads as the trial had (a worker sharing the cores had fewer): the same
     # sums in the same order
     torch.set_num_threads(int(stored.user_attrs.get("threads", threads)))
+    speed = _stored_speed(stored)
     try:
-        value = Objective(spec, dataset, cfg, torch.device(cfg.device), weights)(trial)
+        value = Objective(spec, dataset, cfg, torch.device(cfg.device), weights, speed)(trial)
     finally:
         torch.set_num_threads(threads)
     if stored.state != optuna.trial.TrialState.COMPLETE and stored.intermediate_values:

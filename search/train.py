@@ -6,10 +6,11 @@ no per-sample Python: `benchmarks/epoch_throughput.py` measures what that buys. 
 train on other images of the same shape (augmented copies, `epoch_images`); validation
 always scores the untouched split.
 
-Speed settings (`Speed.of`): on CUDA, bf16 autocast, cudnn benchmark and channels_last for
-convolutional models; on a CPU with native bf16 (AMX / AVX512-BF16) the same for
-convolutional models, which `benchmarks/cnn_speed.py` measured faster here. Scoring
-(`predict_scores`) always runs in float32, so reported accuracies match the ONNX export.
+Speed settings (`Speed.of`): the optimizer's fused kernel on CPUs and CUDA; bf16 autocast on
+CUDA and on a CPU with native bf16 (AMX / AVX512-BF16), plus cudnn benchmark on CUDA and
+channels_last for convolutional models, which `benchmarks/train_speed.py` measured faster
+here (the losses stay float32). Scoring (`predict_scores`) always runs in float32, so
+reported accuracies match the ONNX export.
 """
 
 from __future__ import annotations
@@ -29,24 +30,30 @@ from search.errors import ConfigError, TrialDiverged
 EXPLODED_LOSS = 1e4
 EVAL_BATCH = 4096  # images per forward pass when scoring; no gradients are kept
 
+# (params, lr, weight decay or None, fused: True or None) -> optimizer
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd or 0.0),
-    "adamw": lambda params, lr, wd: torch.optim.AdamW(
-        params, lr=lr, weight_decay=1e-2 if wd is None else wd),
-    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True,
-                                                  weight_decay=wd or 0.0),
+    "adam": lambda params, lr, wd, fused: torch.optim.Adam(params, lr=lr, weight_decay=wd or 0.0,
+                                                           fused=fused),
+    "adamw": lambda params, lr, wd, fused: torch.optim.AdamW(
+        params, lr=lr, weight_decay=1e-2 if wd is None else wd, fused=fused),
+    "sgd": lambda params, lr, wd, fused: torch.optim.SGD(
+        params, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd or 0.0, fused=fused),
 }
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float,
-                   weight_decay: float | None = None) -> torch.optim.Optimizer:
+                   weight_decay: float | None = None, fused: bool = False
+                   ) -> torch.optim.Optimizer:
     """An optimizer over the trainable parameters only (a frozen backbone's are left out);
-    weight_decay None is each optimizer's default (AdamW 1e-2, else 0). Raises ValueError on
-    an optimizer name this service does not know."""
+    weight_decay None is each optimizer's default (AdamW 1e-2, else 0). `fused`: PyTorch's
+    fused kernel, one pass over every parameter per step (CPU and CUDA); otherwise PyTorch's
+    default implementation for the device. Raises ValueError on an optimizer name this
+    service does not know."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; known: {sorted(OPTIMIZERS)}")
+    # fused=False would also turn off the multi-tensor (foreach) default on CUDA: None keeps it
     return OPTIMIZERS[name]([p for p in model.parameters() if p.requires_grad], lr,
-                            weight_decay)
+                            weight_decay, True if fused else None)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,6 +83,7 @@ class Speed:
 
     channels_last: bool = False
     autocast: torch.dtype | None = None  # mixed-precision dtype of the forward pass
+    fused: bool = False  # the optimizer's fused kernel (make_optimizer)
 
     @classmethod
     def of(cls, model: nn.Module, device: torch.device) -> Speed:
@@ -83,15 +91,33 @@ class Speed:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one input shape per trial
             bf16 = torch.cuda.is_bf16_supported()
-            return cls(convolutional, torch.bfloat16 if bf16 else None)
-        if device.type == "cpu" and convolutional and _cpu_bf16():
-            return cls(True, torch.bfloat16)
+            return cls(convolutional, torch.bfloat16 if bf16 else None, fused=True)
+        if device.type == "cpu":
+            # benchmarks/train_speed.py: with native bf16, every model family here trained
+            # faster under bf16 autocast (MLPs too), and convolutions in channels_last
+            bf16 = _cpu_bf16()
+            return cls(convolutional and bf16, torch.bfloat16 if bf16 else None, fused=True)
         return cls()
 
     def describe(self) -> str:
+        """One line, stored in each trial's `speed` user attribute; Speed.parse reads it."""
         parts = (["channels_last"] if self.channels_last else []) + (
-            [f"{str(self.autocast).removeprefix('torch.')} autocast"] if self.autocast else [])
-        return ", ".join(parts) or "float32"
+            [f"{str(self.autocast).removeprefix('torch.')} autocast"] if self.autocast
+            else ["float32"]) + (["fused optimizer"] if self.fused else [])
+        return ", ".join(parts)
+
+    @classmethod
+    def parse(cls, text: str) -> Speed:
+        """The Speed that `describe` wrote `text` for (a trial's stored `speed`; one made
+        before fused optimizers reads as unfused). Raises ValueError on other text."""
+        parts = {part.strip() for part in text.split(",")}
+        autocast = {f"{str(dtype).removeprefix('torch.')} autocast": dtype
+                    for dtype in (torch.bfloat16, torch.float16)}
+        known = {"channels_last", "float32", "fused optimizer", *autocast}
+        if not parts <= known:
+            raise ValueError(f"not a speed setting: {text!r}")
+        dtype = next((autocast[part] for part in parts if part in autocast), None)
+        return cls("channels_last" in parts, dtype, "fused optimizer" in parts)
 
 
 def _cpu_bf16() -> bool:
@@ -214,14 +240,18 @@ def fit(
 
 def train_built(built, train: DeviceSplit, val: DeviceSplit, *, epochs: int, batch_size: int,
                 seed: int, on_epoch: Callable[[EpochResult], None] | None = None,
-                epoch_images: Callable[[int], torch.Tensor] | None = None) -> list[EpochResult]:
+                epoch_images: Callable[[int], torch.Tensor] | None = None,
+                speed: Speed | None = None) -> list[EpochResult]:
     """fit() a `search.registry.Built` whose model is already on the device: makes its
-    optimizer and its schedule over every batch of `epochs`. Raises what fit() raises."""
-    optimizer = built.make_optimizer(built.model)
+    optimizer (fused when `speed` says so) and its schedule over every batch of `epochs`.
+    `speed` None is Speed.of(model, device). Raises what fit() raises."""
+    speed = speed or Speed.of(built.model, train.x.device)
+    optimizer = built.make_optimizer(built.model, speed.fused)
     steps = epochs * math.ceil(len(train) / batch_size)
     return fit(built.model, built.loss_fn, optimizer, train, val, epochs=epochs,
                batch_size=batch_size, seed=seed, on_epoch=on_epoch,
-               scheduler=built.make_scheduler(optimizer, steps), epoch_images=epoch_images)
+               scheduler=built.make_scheduler(optimizer, steps), epoch_images=epoch_images,
+               speed=speed)
 
 
 @torch.inference_mode()

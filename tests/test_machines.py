@@ -177,6 +177,28 @@ def test_replay_retrains_a_trial_to_its_stored_value(tmp_path, capsys, workers):
     assert "has no trial 99" in capsys.readouterr().err
 
 
+def test_replay_trains_with_the_speed_settings_its_trial_recorded(tmp_path, monkeypatch):
+    """A trial from before fused optimizers and bf16 MLPs (its `speed` reads "float32")
+    replays with those settings, not with what Speed.of picks today."""
+    from search import objective
+    from search import replay as replay_module
+    from search.models import MLP
+    from search.train import Speed
+
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    cfg = RunConfig(study="mlp", data="digits", n_trials=3, epochs=3, storage=url,
+                    final=False, pruner="none", workers=1)
+    with monkeypatch.context() as patched:  # the trials train as the older release did
+        patched.setattr(objective.Speed, "of", classmethod(lambda cls, model, device: Speed()))
+        study, _, _ = search(cfg)
+    assert Speed.of(MLP(4, (2,), 2), torch.device("cpu")) != Speed()  # today's differ
+    trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert trials and {t.user_attrs["speed"] for t in trials} == {"float32"}
+    for trial in trials:
+        stored, value, _ = replay_module.replay(study, trial.number)
+        assert value == stored, trial.number
+
+
 def test_an_out_of_memory_trial_is_one_log_line_and_the_run_goes_on(tmp_path, monkeypatch,
                                                                    capsys):
     import dataclasses

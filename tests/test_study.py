@@ -165,7 +165,7 @@ def test_out_of_memory_fails_the_trial_and_study_goes_on(storage_url, study_name
         pairs.append(params.pair)
         if len(pairs) == 3:  # trial 2, the enqueued one
             assert params.pair == "gelu_margin"
-            return Built(_OutOfMemory(), built.loss_fn, lambda m: torch.optim.SGD(
+            return Built(_OutOfMemory(), built.loss_fn, lambda m, fused=False: torch.optim.SGD(
                 [torch.zeros(1, requires_grad=True)], lr=0.1))
         return built
 
@@ -190,7 +190,7 @@ def test_other_errors_are_not_swallowed(tmp_path, digits):
 
     def build(params, *args):
         built = spec.build(params, *args)
-        return Built(Broken(), built.loss_fn, lambda m: torch.optim.SGD(
+        return Built(Broken(), built.loss_fn, lambda m, fused=False: torch.optim.SGD(
             [torch.zeros(1, requires_grad=True)], lr=0.1))
 
     study, objective = _objective_study(f"sqlite:///{tmp_path / 's.db'}", "broken", digits,

@@ -119,11 +119,50 @@ def test_epoch_images_replace_the_training_images_but_not_labels(digits):
 
 def test_speed_settings_per_model_and_device():
     cpu = torch.device("cpu")
-    assert Speed.of(MLP(4, (2,), 2), cpu) == Speed()  # the MLP trains in float32 on a CPU
-    conv = Speed.of(CNN((1, 8, 8), (4,), 2), cpu)
     native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert conv == (Speed(True, torch.bfloat16) if native_bf16 else Speed())
+    bf16 = torch.bfloat16 if native_bf16 else None
+    # bf16 autocast wherever the CPU has it, channels_last for convolutions only, and the
+    # optimizer's fused kernel everywhere
+    assert Speed.of(MLP(4, (2,), 2), cpu) == Speed(False, bf16, fused=True)
+    assert Speed.of(CNN((1, 8, 8), (4,), 2), cpu) == Speed(native_bf16, bf16, fused=True)
     assert Speed(True, torch.bfloat16).describe() == "channels_last, bfloat16 autocast"
+    assert Speed(fused=True).describe() == "float32, fused optimizer"
+
+
+@pytest.mark.parametrize("speed", [Speed(), Speed(fused=True), Speed(False, torch.bfloat16),
+                                   Speed(True, torch.bfloat16, True),
+                                   Speed(False, torch.float16, True)])
+def test_a_stored_speed_reads_back_as_the_settings_that_wrote_it(speed):
+    assert Speed.parse(speed.describe()) == speed
+
+
+def test_speed_text_from_older_trials_and_foreign_text():
+    # what trials stored before fused optimizers: read as unfused
+    assert Speed.parse("float32") == Speed()
+    assert Speed.parse("channels_last, bfloat16 autocast") == Speed(True, torch.bfloat16)
+    with pytest.raises(ValueError, match="not a speed setting"):
+        Speed.parse("float32, turbo")
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_fused_optimizers_take_the_same_steps_as_the_plain_ones(name):
+    """fused=True changes the kernel, not the update: after a few steps on the same
+    gradients the weights agree to float rounding."""
+    weights = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = MLP(6, (5,), 3)
+        start = torch.cat([p.detach().flatten() for p in model.parameters()])
+        optimizer = make_optimizer(name, model, 0.05, fused=fused)
+        assert bool(optimizer.defaults.get("fused")) == fused
+        for step in range(5):
+            x = torch.randn(8, 6, generator=torch.Generator().manual_seed(step))
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(weights[0], weights[1], atol=1e-6)
+    assert (weights[1] - start).abs().max() > 1e-3  # it did train
 
 
 def test_a_cnn_learns_with_the_fast_settings_and_scores_in_float32(digits):
