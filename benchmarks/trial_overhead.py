@@ -6,9 +6,11 @@ The service's own cost per trial, without training: what every trial pays for th
 and PostgreSQL when one answers), the pruner, the study-wide budget checks (search.budget,
 which read the study's trials at each trial's start and end) and the per-trial log line.
 The objective does what a real trial does to the study, without the training: suggests the
-mlp params through the space, writes the user attributes search.objective writes, reports a
-validation accuracy after each of 20 epochs and asks the pruner each time (a pruned trial
-stops there, as a real one does).
+mlp params through the space, writes the user attributes search.objective writes and reports
+a validation accuracy after each of 20 epochs, through the same TrialRecorder (attributes in
+two transactions, reports written where the pruner is asked about them), and a pruned trial
+stops there, as a real one does. The optuna-tpe arm writes as a plain Optuna objective does:
+one transaction per attribute and per report, the pruner asked at every epoch.
 
 For each storage and study size N it runs N trials in a fresh study and prints the mean
 seconds per trial over the last tenth (the cost at that size), split into sampler+storage
@@ -36,13 +38,14 @@ import storage
 from search import budget, registry
 from search import data as data_module
 from search.config import RunConfig
-from search.objective import Objective
+from search.objective import Objective, TrialRecorder
 from search.study import TPE_STARTUP_TRIALS, make_pruner, make_sampler
 
 EPOCHS = 20
-# what search.objective.Objective writes to every trial besides its reports
-ATTRIBUTES = ("worker", "seed", "settings", "device", "threads", "speed", "n_parameters",
-              "seconds_per_epoch", "epoch_ended", "best_epoch")
+# what search.objective.Objective writes to every trial besides its reports: "worker" alone
+# first, then these two groups through its TrialRecorder (one transaction each)
+STARTED = ("seed", "settings", "device", "threads", "speed", "n_parameters")
+ENDED = ("seconds_per_epoch", "epoch_ended", "best_epoch")
 
 
 def _typical_trial_seconds() -> float:
@@ -105,16 +108,33 @@ def _run_study(url: str, n: int, sampler: str, pruner: str) -> tuple[float, floa
         started = time.perf_counter()
         budget.over_budget(trial.study, trial.number)
         service_s.append(time.perf_counter() - started)
+        trial.set_user_attr("worker", 0)
         params = spec.suggest(trial)
-        for key in ATTRIBUTES:
-            trial.set_user_attr(key, 0)
+        recorder = TrialRecorder(trial) if sampler != PLAIN else None
+        if recorder is None:  # as a user's objective does: one write each
+            for key in STARTED:
+                trial.set_user_attr(key, 0)
+        else:
+            recorder.write(**dict.fromkeys(STARTED, 0))
         # a learning curve towards a score fixed by the params (crc32: the same in every
         # process, so every arm prunes alike)
         final = 0.5 + 0.45 * (zlib.crc32(repr(params).encode()) % 1000) / 1000
-        for epoch in range(1, EPOCHS + 1):
-            trial.report(final * (1 - 0.5 ** epoch), epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned()
+        try:
+            for epoch in range(1, EPOCHS + 1):
+                value = final * (1 - 0.5 ** epoch)
+                if recorder is not None:
+                    if recorder.report(value, epoch):
+                        raise optuna.TrialPruned()
+                    continue
+                trial.report(value, epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned()
+        finally:
+            if recorder is None:
+                for key in ENDED:
+                    trial.set_user_attr(key, 0)
+            else:
+                recorder.write(**dict.fromkeys(ENDED, 0))
         return final
 
     def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -50,6 +50,41 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
+REPORT_EVERY_S = 1.0  # a trial's reports reach the storage at least this often
+
+
+class TrialRecorder:
+    """What a trial writes to its study, in few transactions (storage.write_trial): its
+    user attributes in groups, and its per-epoch reports gathered until the pruner is asked
+    about one of them, REPORT_EVERY_S has passed since the last write (the dashboard's live
+    curves lag by at most that), or the trial ends (the next `write`)."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+        self.pending: dict[int, float] = {}
+        self.written = time.monotonic()
+        pruner = getattr(trial.study, "pruner", None)
+        # a pruner that answers at some steps only (search.study.AtRungs) is asked there;
+        # one that never prunes, never
+        self.asks_at = (lambda step: False) if isinstance(pruner, optuna.pruners.NopPruner) \
+            else getattr(pruner, "asks_at", lambda step: True)
+
+    def write(self, **user_attrs) -> None:
+        """These user attributes and every report not written yet, in one transaction."""
+        storage.write_trial(self.trial, user_attrs, self.pending)
+        self.pending = {}
+        self.written = time.monotonic()
+
+    def report(self, value: float, step: int, prunable: bool = True) -> bool:
+        """Record the value of `step`; whether the trial should be pruned there (written
+        first, so the pruner sees it)."""
+        self.pending[step] = value
+        ask = prunable and self.asks_at(step)
+        if ask or time.monotonic() - self.written >= REPORT_EVERY_S:
+            self.write()
+        return ask and self.trial.should_prune()
+
+
 class Objective:
     def __init__(self, spec: StudySpec, dataset: Dataset, cfg: RunConfig,
                  device: torch.device, weights: VGGWeights | None = None,
@@ -112,59 +147,59 @@ class Objective:
                                                  self.device)
         augment_seconds = self.augment.stats.seconds
         reference = trial.user_attrs.get("reference")
-        trial.set_user_attr("seed", seed)
-        trial.set_user_attr("settings", self.cfg.trial_settings())
-        trial.set_user_attr("device", str(self.device))
-        # CPU threads: another count sums in another order, so a replay uses the same
-        trial.set_user_attr("threads", torch.get_num_threads())
         speed = self.speed or Speed.of(model, self.device)
-        trial.set_user_attr("speed", speed.describe())
-        trial.set_user_attr("n_parameters", count_parameters(model))
-        if self.features is not None:  # did this trial have to run the backbone?
-            trial.set_user_attr("backbone_runs", len(self.features.computed) - computed)
+        recorder = TrialRecorder(trial)
+        recorder.write(
+            seed=seed, settings=self.cfg.trial_settings(), device=str(self.device),
+            # CPU threads: another count sums in another order, so a replay uses the same
+            threads=torch.get_num_threads(), speed=speed.describe(),
+            n_parameters=count_parameters(model),
+            # did this trial have to run the backbone?
+            **({} if self.features is None
+               else {"backbone_runs": len(self.features.computed) - computed}))
         best = {"accuracy": 0.0, "epoch": 0}
         seconds: list[float] = []
         ended: list[float] = []  # wall-clock time of each epoch's end (when each score was known)
+        # --references full: reference configs run to the end (the final step retrains them
+        # in full whichever mode is chosen); a study from before the option: full
+        prunable = reference is None or self.cfg.references not in ("full", None)
 
         def on_epoch(result: EpochResult) -> None:
             seconds.append(result.seconds)
             ended.append(round(time.time(), 3))
             if result.val_accuracy > best["accuracy"]:
                 best.update(accuracy=result.val_accuracy, epoch=result.epoch)
-            trial.report(result.val_accuracy, result.epoch)
-            # --references full: reference configs run to the end (the final step retrains
-            # them in full whichever mode is chosen); a study from before the option: full
-            prunable = reference is None or self.cfg.references not in ("full", None)
-            if prunable and trial.should_prune():
+            if recorder.report(result.val_accuracy, result.epoch, prunable):
                 raise optuna.TrialPruned(
                     f"pruned after epoch {result.epoch}: val accuracy {result.val_accuracy:.4f}"
                 )
 
+        end: dict = {}
         try:
             train_built(built, train, val, epochs=self.cfg.epochs,
                         batch_size=self.cfg.batch_size, seed=seed, on_epoch=on_epoch,
                         epoch_images=epoch_images, speed=speed)
+            end["best_epoch"] = best["epoch"]
         except TrialDiverged as exc:
             # a bad region of the space, not a broken run: prune, so the sampler learns it
-            trial.set_user_attr("failure", str(exc))
+            end["failure"] = str(exc)
             raise optuna.TrialPruned(str(exc)) from None
         except RuntimeError as exc:
             if not _is_out_of_memory(exc):
                 raise
-            trial.set_user_attr("failure", f"out of memory: {str(exc).splitlines()[0]}")
+            end["failure"] = f"out of memory: {str(exc).splitlines()[0]}"
             del model, built
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise TrialOutOfMemory(str(exc).splitlines()[0]) from None
         finally:
             if seconds:
-                trial.set_user_attr("seconds_per_epoch", sum(seconds) / len(seconds))
-                trial.set_user_attr("epoch_ended", ended)
+                end["seconds_per_epoch"] = sum(seconds) / len(seconds)
+                end["epoch_ended"] = ended
             if epoch_images is not None:
                 # how many distinct augmented copies this trial trained on, and what
                 # making or loading them cost it (included in seconds_per_epoch)
-                trial.set_user_attr("augment_copies_seen", len(epoch_images.seen))
-                trial.set_user_attr("augment_seconds", round(
-                    self.augment.stats.seconds - augment_seconds, 3))
-        trial.set_user_attr("best_epoch", best["epoch"])
+                end["augment_copies_seen"] = len(epoch_images.seen)
+                end["augment_seconds"] = round(self.augment.stats.seconds - augment_seconds, 3)
+            recorder.write(**end)  # with the reports not written yet
         return best["accuracy"]

@@ -239,7 +239,8 @@ _ORIGINAL_LOG_NDTR = __import__("optuna.samplers._tpe._truncnorm",
 
 def test_tpe_reads_the_trials_once_per_trial_and_draws_the_same(monkeypatch):
     """search.study.TrialSeeded shows TPE the study's trials as read at a trial's first
-    suggestion: one storage read per trial instead of one per parameter, the same draws."""
+    suggestion: one storage read and one good/bad split per trial instead of one per
+    parameter, the same draws."""
     from search.study import TrialSeeded, make_sampler
 
     def draws() -> tuple[list[dict], int]:
@@ -263,12 +264,27 @@ def test_tpe_reads_the_trials_once_per_trial_and_draws_the_same(monkeypatch):
         study.optimize(objective, n_trials=30)
         return [t.params for t in study.trials], max(reads[10:])
 
+    from optuna.samplers._tpe import sampler as tpe
+
+    splits = []
+    split = tpe._split_trials
+
+    def counted_split(*args):
+        splits.append(1)
+        return split(*args)
+
+    monkeypatch.setattr(tpe, "_split_trials", counted_split)
     ours, most = draws()
     assert most == 1
+    ours_splits = len(splits)
     monkeypatch.setattr(TrialSeeded, "_view", lambda self, study, trial: study)
+    splits.clear()
     theirs, most = draws()
     assert most >= 5  # the study as Optuna shows it: read again for every parameter
     assert theirs == ours
+    # TPE split the trials once per trial (30 trials less its random start), not once per
+    # parameter
+    assert ours_splits <= 30 and len(splits) >= 3 * ours_splits
 
 
 @pytest.mark.parametrize("name", ["sha", "hyperband"])
@@ -301,3 +317,72 @@ def test_pruners_asked_only_at_their_rungs_prune_the_same_trials(name):
     assert ours == inner
     assert sum(state == TrialState.PRUNED for state, _ in ours) >= 10
     assert {step for state, step in ours if state == TrialState.PRUNED} <= {1, 3, 9}
+
+
+def _count_commits(engine) -> list:
+    from sqlalchemy import event
+
+    commits = []
+    event.listen(engine, "commit", lambda connection: commits.append(1))
+    return commits
+
+
+@pytest.mark.parametrize("pruner", ["sha", "none"])
+def test_a_trial_writes_its_reports_in_a_few_transactions_and_loses_none(
+        storage_url, study_name, digits, pruner, monkeypatch):
+    """search.objective.TrialRecorder: every epoch's report reaches the storage, and the
+    pruner sees the reports it is asked about, in far fewer commits than one per report and
+    attribute."""
+    from search import objective as objective_module
+    from search.study import make_pruner
+
+    def one_trial(name: str) -> tuple[optuna.trial.FrozenTrial, int]:
+        cfg = _cfg(storage_url, name, epochs=12)
+        opened = storage.open(storage_url)
+        study = open_study(cfg, STUDIES["mlp"], digits, opened, name)
+        study.pruner = make_pruner(pruner, 12)
+        objective = Objective(STUDIES["mlp"], digits, cfg, torch.device("cpu"))
+        commits = _count_commits(opened.engine)
+        study.optimize(objective, n_trials=1)  # the lecture net (enqueued first), not pruned
+        return study.get_trials()[0], len(commits)
+
+    ours, commits = one_trial(study_name)
+
+    def one_by_one(trial, user_attrs, reports):  # what set_user_attr and report each cost
+        for key, value in user_attrs.items():
+            trial.set_user_attr(key, value)
+        for step, value in sorted(reports.items()):
+            trial.report(value, step)
+
+    monkeypatch.setattr(objective_module.storage, "write_trial", one_by_one)
+    theirs, separate = one_trial(study_name + "-separate")
+    for trial in (ours, theirs):
+        assert trial.state == TrialState.COMPLETE
+        assert sorted(trial.intermediate_values) == list(range(1, 13))
+        assert trial.value == max(trial.intermediate_values.values())
+    assert ours.intermediate_values == theirs.intermediate_values
+    assert ours.user_attrs.keys() == theirs.user_attrs.keys() >= {
+        "seed", "settings", "speed", "threads", "n_parameters", "seconds_per_epoch",
+        "epoch_ended", "best_epoch", "worker"}
+    # 12 reports and 9 attributes: 21 commits one by one; these epochs take well under a
+    # second each, so only the start, the rungs (1, 3, 9 with sha) and the end write
+    assert separate - commits >= 21 - 6, (commits, separate)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask() outside optimize
+def test_write_trial_is_one_transaction_and_the_trial_sees_what_it_wrote(storage_url,
+                                                                         study_name):
+    opened = storage.open(storage_url)
+    study = optuna.create_study(storage=opened, study_name=study_name)
+    trial = study.ask()
+    commits = _count_commits(opened.engine)
+    storage.write_trial(trial, {"a": 1, "b": [2, 3]}, {1: 0.5, 2: 0.75})
+    assert len(commits) == 1
+    assert trial.user_attrs == {"a": 1, "b": [2, 3]}
+    storage.write_trial(trial, {}, {2: 0.9, 3: 0.8})  # a repeated step is ignored, as report()
+    stored = study.get_trials()[0]
+    assert stored.user_attrs == {"a": 1, "b": [2, 3]}
+    assert stored.intermediate_values == {1: 0.5, 2: 0.75, 3: 0.8}
+    fixed = optuna.trial.FixedTrial({})  # no storage: one by one through its own methods
+    storage.write_trial(fixed, {"c": 4}, {1: 0.5})
+    assert fixed.user_attrs == {"c": 4}
