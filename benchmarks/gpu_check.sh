@@ -3,7 +3,8 @@
 #
 # What a person with a GPU runs (under 10 minutes, in a scratch folder it makes and keeps):
 #   1. epoch throughput of the trainer on the GPU against a torchvision DataLoader
-#      (benchmarks/epoch_throughput.py --device cuda);
+#      (benchmarks/epoch_throughput.py --device cuda), and what bf16 autocast, channels_last
+#      and fused optimizers gain per net (benchmarks/train_speed.py --device cuda);
 #   2. mlp trials per minute with 1, 2 and 4 trials at once on every GPU
 #      (--workers-per-device K), 60 s of search each, no final step;
 #   3. one short study of each kind (mlp, cnn, vgg16 with random weights: nothing is
@@ -22,6 +23,10 @@ nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader || true
 
 echo "== 1. epoch throughput (60,000 images, lecture MLP)"
 timeout 180 python "$repo/benchmarks/epoch_throughput.py" --device cuda --repeat 3 | tail -3
+
+echo "== 1b. precision and optimizer kernel per net (one epoch of 6,400 images each)"
+timeout 120 python "$repo/benchmarks/train_speed.py" --device cuda --repeat 2 \
+  --nets "mlp lecture,mlp wide,cnn BN" | tail -1 || true
 
 echo "== 2. mlp trials per minute by trials at once per GPU (60 s each)"
 results=()

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "study: every machine stops there, and the final step runs once")
     parser.add_argument("--timeout", type=float, help="stop the search after this many seconds")
     parser.add_argument("--epochs", type=int, help="epochs per trial (default: the study's, "
-                        "mlp 20 on small data and about 2,500 steps on large, cnn 8, vgg16 10)")
+                        "mlp 20 on small data and about 4,200 steps on large, cnn 8, vgg16 10)")
     parser.add_argument("--batch-size", type=int, default=128, help="fixed, not tuned")
     parser.add_argument("--storage", default=storage.DEFAULT_URL,
                         help=f"Optuna storage URL (default {storage.DEFAULT_URL})")
