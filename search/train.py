@@ -102,8 +102,8 @@ class Speed:
     def describe(self) -> str:
         """One line, stored in each trial's `speed` user attribute; Speed.parse reads it."""
         parts = (["channels_last"] if self.channels_last else []) + (
-            [f"{str(self.autocast).removeprefix('torch.')} autocast"] if self.autocast
-            else ["float32"]) + (["fused optimizer"] if self.fused else [])
+            [_autocast_name(self.autocast)] if self.autocast else ["float32"]) + (
+            ["fused optimizer"] if self.fused else [])
         return ", ".join(parts)
 
     @classmethod
@@ -111,13 +111,17 @@ class Speed:
         """The Speed that `describe` wrote `text` for (a trial's stored `speed`; one made
         before fused optimizers reads as unfused). Raises ValueError on other text."""
         parts = {part.strip() for part in text.split(",")}
-        autocast = {f"{str(dtype).removeprefix('torch.')} autocast": dtype
-                    for dtype in (torch.bfloat16, torch.float16)}
+        autocast = {_autocast_name(dtype): dtype for dtype in (torch.bfloat16, torch.float16)}
         known = {"channels_last", "float32", "fused optimizer", *autocast}
         if not parts <= known:
             raise ValueError(f"not a speed setting: {text!r}")
         dtype = next((autocast[part] for part in parts if part in autocast), None)
         return cls("channels_last" in parts, dtype, "fused optimizer" in parts)
+
+
+def _autocast_name(dtype: torch.dtype) -> str:
+    """How describe() writes an autocast dtype, and parse() reads it back."""
+    return f"{str(dtype).removeprefix('torch.')} autocast"
 
 
 def _cpu_bf16() -> bool:
