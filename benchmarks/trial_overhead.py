@@ -7,10 +7,11 @@ and PostgreSQL when one answers), the pruner, the study-wide budget checks (sear
 which read the study's trials at each trial's start and end) and the per-trial log line.
 The objective does what a real trial does to the study, without the training: suggests the
 mlp params through the space, writes the user attributes search.objective writes and reports
-a validation accuracy after each of 20 epochs, through the same TrialRecorder (attributes in
-two transactions, reports written where the pruner is asked about them), and a pruned trial
-stops there, as a real one does. The optuna-tpe arm writes as a plain Optuna objective does:
-one transaction per attribute and per report, the pruner asked at every epoch.
+a validation accuracy after each of 20 epochs, through the same TrialRecorder (the params
+with the start attributes in one transaction, the end attributes in another, reports written
+where the pruner is asked about them), and a pruned trial stops there, as a real one does.
+The optuna-tpe arm writes as a plain Optuna objective does: one transaction per param, per
+attribute and per report, the pruner asked at every epoch.
 
 For each storage and study size N it runs N trials in a fresh study and prints the mean
 seconds per trial over the last tenth (the cost at that size), split into sampler+storage
@@ -44,7 +45,8 @@ from search.study import TPE_STARTUP_TRIALS, make_pruner, make_sampler
 
 EPOCHS = 20
 # what search.objective.Objective writes to every trial besides its reports: "worker" alone
-# first, then these two groups through its TrialRecorder (one transaction each)
+# first, then these two groups through its TrialRecorder (one transaction each, the params
+# with the first)
 STARTED = ("seed", "settings", "device", "threads", "speed", "n_parameters")
 ENDED = ("seconds_per_epoch", "epoch_ended", "best_epoch")
 
@@ -113,13 +115,15 @@ def _run_study(url: str, n: int, sampler: str, pruner: str) -> tuple[float, floa
         budget.over_budget(trial.study, trial.number)
         service_s.append(time.perf_counter() - started)
         trial.set_user_attr("worker", 0)
-        params = spec.suggest(trial)
         recorder = TrialRecorder(trial) if sampler != PLAIN else None
         if recorder is None:  # as a user's objective does: one write each
+            params = spec.suggest(trial)
             for key in STARTED:
                 trial.set_user_attr(key, 0)
         else:
-            recorder.write(**dict.fromkeys(STARTED, 0))
+            with storage.params_later(trial):  # as Objective: params with the start write
+                params = spec.suggest(trial)
+                recorder.write(**dict.fromkeys(STARTED, 0))
         # a learning curve towards a score fixed by the params (crc32: the same in every
         # process, so every arm prunes alike)
         final = 0.5 + 0.45 * (zlib.crc32(repr(params).encode()) % 1000) / 1000

@@ -27,6 +27,8 @@ import time
 import optuna
 from sqlalchemy.exc import IntegrityError
 
+import storage
+
 log = logging.getLogger(__name__)
 
 _STARTED = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE,
@@ -52,7 +54,7 @@ def budget_used(study: optuna.Study) -> int:
 def over_budget(study: optuna.Study, number: int) -> bool:
     """Whether trial `number`, just started, is past the study's --max-trials."""
     limit = max_trials(study)
-    if limit is None:
+    if limit is None or number < limit:  # only `number` trials are numbered below it
         return False
     before = [t for t in _counted(study.get_trials(deepcopy=False)) if t.number < number]
     return len(before) >= limit
@@ -71,10 +73,13 @@ class StopAtBudget:
         self.target = target
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        limits = [n for n in (self.target, max_trials(study)) if n is not None]
+        # counted trials are some of the study's: while it holds fewer than the lowest limit,
+        # one COUNT answers, not a read of every trial
+        if not limits or storage.count_trials(study) < min(limits):
+            return
         used = budget_used(study)
-        limit = max_trials(study)
-        if (self.target is not None and used >= self.target) or (
-                limit is not None and used >= limit):
+        if any(used >= n for n in limits):
             study.stop()
 
 

@@ -132,31 +132,34 @@ class Objective:
             trial.set_user_attr(budget.OVER_BUDGET, True)
             trial.study.stop()
             raise optuna.TrialPruned("the study's --max-trials is used up")
-        params = self.spec.suggest(trial)
-        seed = trial_seed(self.cfg.seed, trial.number)
-        torch.manual_seed(seed)  # weight init and dropout masks
-        computed = len(self.features.computed) if self.features is not None else 0
-        train, val, build = self._inputs(params)
-        try:
-            built = build()
-        except ValueError as exc:  # params the builder refuses for this input shape
-            trial.set_user_attr("failure", f"does not fit the input: {exc}")
-            raise optuna.TrialPruned(str(exc)) from None
-        model = built.model.to(self.device)
+        # the params reach the database with the start attributes, in one commit instead of
+        # one each (storage.params_later)
+        with storage.params_later(trial):
+            params = self.spec.suggest(trial)
+            seed = trial_seed(self.cfg.seed, trial.number)
+            torch.manual_seed(seed)  # weight init and dropout masks
+            computed = len(self.features.computed) if self.features is not None else 0
+            train, val, build = self._inputs(params)
+            try:
+                built = build()
+            except ValueError as exc:  # params the builder refuses for this input shape
+                trial.set_user_attr("failure", f"does not fit the input: {exc}")
+                raise optuna.TrialPruned(str(exc)) from None
+            model = built.model.to(self.device)
+            reference = trial.user_attrs.get("reference")
+            speed = self.speed or Speed.of(model, self.device)
+            recorder = TrialRecorder(trial)
+            recorder.write(
+                seed=seed, settings=self.cfg.trial_settings(), device=str(self.device),
+                # CPU threads: another count sums in another order, so a replay uses the same
+                threads=torch.get_num_threads(), speed=speed.describe(),
+                n_parameters=count_parameters(model),
+                # did this trial have to run the backbone?
+                **({} if self.features is None
+                   else {"backbone_runs": len(self.features.computed) - computed}))
         epoch_images = self.augment.epoch_images(built.augment, seed, self.cfg.epochs,
                                                  self.device)
         augment_seconds = self.augment.stats.seconds
-        reference = trial.user_attrs.get("reference")
-        speed = self.speed or Speed.of(model, self.device)
-        recorder = TrialRecorder(trial)
-        recorder.write(
-            seed=seed, settings=self.cfg.trial_settings(), device=str(self.device),
-            # CPU threads: another count sums in another order, so a replay uses the same
-            threads=torch.get_num_threads(), speed=speed.describe(),
-            n_parameters=count_parameters(model),
-            # did this trial have to run the backbone?
-            **({} if self.features is None
-               else {"backbone_runs": len(self.features.computed) - computed}))
         best = {"accuracy": 0.0, "epoch": 0}
         seconds: list[float] = []
         ended: list[float] = []  # wall-clock time of each epoch's end (when each score was known)

@@ -13,6 +13,7 @@ import logging
 import time
 import warnings
 
+import numpy as np
 import optuna
 
 import storage as storage_module
@@ -71,17 +72,21 @@ def _vectorize_tpe() -> None:
 
 
 def _split_once() -> None:
-    """Let Optuna's TPE split the study's trials into its good and bad groups once per trial
-    instead of once per parameter. Univariate TPE sorts every earlier trial for each of the
-    ~10 mlp parameters (for pruned trials, by their last report), the same split each time
-    within one trial as it sees the study through _TrialsOnce; at 1,000 trials that was
-    about 5 ms per parameter (benchmarks/trial_overhead.py). The view keeps the split; a
-    study seen otherwise is split as Optuna does. Left as Optuna's when a later Optuna no
-    longer has that function."""
+    """Let Optuna's TPE split the study's trials into its good and bad groups, and read
+    their params, once per trial instead of once per parameter. Univariate TPE sorts every
+    earlier trial for each of the ~10 mlp parameters (for pruned trials, by their last
+    report), the same split each time within one trial as it sees the study through
+    _TrialsOnce; at 1,000 trials that was about 5 ms per parameter; then, for each parameter
+    and group, it asks every trial for its params again (_get_internal_repr, 2.6 ms per
+    parameter at 1,000 trials; benchmarks/trial_overhead.py). The view keeps the split and
+    each group's params; a study seen otherwise is handled as Optuna does. Left as Optuna's
+    when a later Optuna no longer has those functions."""
     from optuna.samplers._tpe import sampler as tpe
 
     split = getattr(tpe, "_split_trials", None)
-    if not callable(split) or getattr(split, "memoized", False):
+    internal_repr = getattr(tpe.TPESampler, "_get_internal_repr", None)
+    if (not callable(split) or not callable(internal_repr)
+            or getattr(split, "memoized", False)):
         return
 
     def split_trials(study, trials, n_below):
@@ -91,11 +96,26 @@ def _split_once() -> None:
         key = (n_below, tuple(t.number for t in trials))
         if key not in memo:
             memo[key] = split(study, trials, n_below)
-        below, above = memo[key]
-        return list(below), list(above)
+        return memo[key]  # the same lists each time: TPE only reads them
+
+    def get_internal_repr(self, trials, search_space, study):
+        memo = getattr(study, "params_memo", None)
+        if memo is None:
+            return internal_repr(self, trials, search_space, study)
+        held = memo.get(id(trials))
+        if held is None or held[0] is not trials:  # holding `trials` keeps its id its own
+            held = memo[id(trials)] = (trials, [self._get_params(t, study) for t in trials])
+        names = search_space.keys()
+        values: dict[str, list] = {name: [] for name in names}
+        for params in held[1]:
+            if names <= params.keys():
+                for name, distribution in search_space.items():
+                    values[name].append(distribution.to_internal_repr(params[name]))
+        return {name: np.asarray(v) for name, v in values.items()}
 
     split_trials.memoized = True
     tpe._split_trials = split_trials
+    tpe.TPESampler._get_internal_repr = get_internal_repr
 
 
 class TrialSeeded(optuna.samplers.BaseSampler):
@@ -157,7 +177,9 @@ class _TrialsOnce:
     def __init__(self, study: optuna.Study) -> None:
         self._study = study
         self._trials: list[optuna.trial.FrozenTrial] | None = None
+        self._by_states: dict[tuple, list[optuna.trial.FrozenTrial]] = {}
         self.split_memo: dict = {}  # TPE's good/bad split of those trials (_split_once)
+        self.params_memo: dict = {}  # and each group's params
 
     def __getattr__(self, name: str):
         return getattr(self._study, name)
@@ -166,9 +188,14 @@ class _TrialsOnce:
         if self._trials is None:
             self._trials = self._study._get_trials(deepcopy=False, states=None,
                                                    use_cache=False)
-        trials = self._trials if states is None else [
-            t for t in self._trials if t.state in states]
-        return copy.deepcopy(trials) if deepcopy else trials
+        if states is None:
+            trials = self._trials
+        else:  # asked again for each parameter: filtered once
+            key = tuple(states)
+            trials = self._by_states.get(key)
+            if trials is None:
+                trials = self._by_states[key] = [t for t in self._trials if t.state in states]
+        return copy.deepcopy(trials) if deepcopy else list(trials)
 
     def get_trials(self, deepcopy: bool = True, states=None):
         return self._get_trials(deepcopy, states)

@@ -257,46 +257,7 @@ def artifact_store(url: str, directory: str | Path | None = None):
     return FileSystemArtifactStore(str(base))
 
 
-__all__ = ["DEFAULT_URL", "artifact_dir", "artifact_store", "cache_dir", "check", "open", "parse",
-           "shown", "sqlite_path"]
+from storage.trials import count_trials, params_later, write_trial  # noqa: E402 - below open
 
-
-def write_trial(trial, user_attrs: dict | None = None,
-                reports: dict[int, float] | None = None) -> None:
-    """Several user attributes and intermediate values (step -> value) of a running
-    optuna.Trial, in one transaction of its RDB storage: Optuna's `set_user_attr` and
-    `report` commit one each, and each commit is a few round trips (on PostgreSQL the larger
-    part of the service's cost per trial, benchmarks/trial_overhead.py). The trial sees them
-    as if set one by one (`trial.user_attrs`, and its pruner the reports). Anything else (a
-    FixedTrial, a storage that is not RDB, an Optuna whose internals moved) goes through
-    `set_user_attr` and `report` one at a time."""
-    user_attrs, reports = user_attrs or {}, reports or {}
-    if not user_attrs and not reports:
-        return
-    rdb = getattr(getattr(trial, "storage", None), "_backend", getattr(trial, "storage", None))
-    cached = getattr(trial, "_cached_frozen_trial", None)
-    trial_id = getattr(trial, "_trial_id", None)
-    try:
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-    except ImportError:
-        _create_scoped_session = None
-    if (not isinstance(rdb, optuna.storages.RDBStorage) or cached is None or trial_id is None
-            or _create_scoped_session is None
-            or not hasattr(rdb, "_set_trial_attr_without_commit")
-            or not hasattr(rdb, "_set_trial_intermediate_value_without_commit")):
-        for key, value in user_attrs.items():
-            trial.set_user_attr(key, value)
-        for step, value in sorted(reports.items()):
-            trial.report(value, step)
-        return
-    fresh = {int(step): float(value) for step, value in reports.items()
-             if int(step) not in cached.intermediate_values}  # report() ignores a repeat too
-    with _create_scoped_session(rdb.scoped_session, True) as session:
-        for key, value in user_attrs.items():
-            rdb._set_trial_attr_without_commit(session, models.TrialUserAttributeModel,
-                                               trial_id, key, value)
-        for step, value in sorted(fresh.items()):
-            rdb._set_trial_intermediate_value_without_commit(session, trial_id, step, value)
-    cached.user_attrs.update(user_attrs)
-    cached.intermediate_values.update(fresh)
+__all__ = ["DEFAULT_URL", "artifact_dir", "artifact_store", "cache_dir", "check", "count_trials",
+           "open", "params_later", "parse", "shown", "sqlite_path", "write_trial"]

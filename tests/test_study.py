@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import optuna
 import pytest
@@ -386,3 +387,53 @@ def test_write_trial_is_one_transaction_and_the_trial_sees_what_it_wrote(storage
     fixed = optuna.trial.FixedTrial({})  # no storage: one by one through its own methods
     storage.write_trial(fixed, {"c": 4}, {1: 0.5})
     assert fixed.user_attrs == {"c": 4}
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask() outside optimize
+def test_params_wait_for_the_next_write_and_are_never_lost(storage_url, study_name):
+    """storage.params_later: a trial's suggested params reach the database in the
+    transaction of its next write_trial, with its attributes (one commit, not one each),
+    exactly as Optuna stores them; anything else that uses the storage first writes them;
+    a block left by an exception writes them at its end; a param that contradicts the
+    study's earlier ones is refused as Optuna refuses it."""
+    opened = storage.open(storage_url)
+    # a sampler that reads nothing: Optuna commits after a read too
+    study = optuna.create_study(storage=opened, study_name=study_name,
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def suggest(trial) -> dict:
+        return {"x": trial.suggest_float("x", 0.001, 1.0, log=True),
+                "n": trial.suggest_int("n", 16, 512, log=True),
+                "act": trial.suggest_categorical("act", ["relu", "gelu"])}
+
+    for _ in range(2):  # the second knows the distributions from the first (no query)
+        trial = study.ask()
+        commits = _count_commits(opened.engine)
+        with storage.params_later(trial):
+            params = suggest(trial)
+            assert len(commits) == 0
+            storage.write_trial(trial, {"a": 1}, {1: float("nan")})
+        assert len(commits) == 1
+        storage.write_trial(trial, {"a": 2})  # an attribute written again is replaced
+        stored = study.get_trials()[-1]
+        assert stored.params == params == trial.params
+        assert stored.distributions == trial.distributions
+        assert stored.user_attrs == {"a": 2}
+        assert math.isnan(stored.intermediate_values[1])
+        study.tell(trial, 0.5)
+    trial = study.ask()
+    with storage.params_later(trial):
+        params = suggest(trial)
+        trial.set_user_attr("b", 3)  # another use of the storage: the params first
+        assert study.get_trials()[-1].params == params
+    trial = study.ask()
+    with pytest.raises(KeyError), storage.params_later(trial):
+        params = suggest(trial)
+        raise KeyError("the trial ends before its first write")
+    assert study.get_trials()[-1].params == params
+    study.tell(trial, state=TrialState.FAIL)
+    trial = study.ask()
+    with pytest.raises(ValueError, match="Cannot set different distribution"), \
+            storage.params_later(trial):
+        trial.suggest_categorical("x", ["a", "b"])
+        storage.write_trial(trial, {"c": 1})
