@@ -224,10 +224,18 @@ class AtRungs(optuna.pruners.BasePruner):
     prune: its rungs, 1, 3, 9, 27, ... (every bracket's are powers of the reduction factor).
     At any other epoch the inner pruner answers no after reading the trial's rung marks from
     the storage, one query per epoch; Objective reports every epoch from 1, so no rung is
-    skipped."""
+    skipped.
+
+    Successive halving finds a trial's rung from the marks it wrote on that trial at earlier
+    rungs (its system attributes), and Optuna reads the whole trial from the storage to show
+    them (six queries). Only the process running a trial writes its marks, so this one keeps
+    them as they are written and shows them to the pruner itself."""
+
+    KEPT = 64  # trials whose marks are kept (a process runs one trial at a time)
 
     def __init__(self, inner: optuna.pruners.BasePruner) -> None:
         self.inner = inner
+        self._marks: dict[int, dict] = {}  # trial id -> the rung marks written on it here
 
     @staticmethod
     def asks_at(step: int) -> bool:
@@ -241,7 +249,42 @@ class AtRungs(optuna.pruners.BasePruner):
 
     def prune(self, study, trial) -> bool:
         step = trial.last_step
-        return step is not None and self.asks_at(step) and self.inner.prune(study, trial)
+        if step is None or not self.asks_at(step):
+            return False
+        if type(self.inner) is not optuna.pruners.SuccessiveHalvingPruner:
+            return self.inner.prune(study, trial)
+        marks = self._marks.pop(trial._trial_id, {})
+        self._marks[trial._trial_id] = marks  # the latest last; the oldest go first
+        while len(self._marks) > self.KEPT:
+            del self._marks[next(iter(self._marks))]
+        shown = copy.copy(trial)
+        shown.system_attrs = dict(marks)
+        return self.inner.prune(_MarksKept(study, marks, trial._trial_id), shown)
+
+
+class _MarksKept:
+    """`study` for a pruner, with a storage that also keeps in `marks` what the pruner
+    writes on trial `trial_id`'s system attributes."""
+
+    def __init__(self, study: optuna.Study, marks: dict, trial_id: int) -> None:
+        self._study = study
+        self._storage = _KeepingMarks(study._storage, marks, trial_id)
+
+    def __getattr__(self, name: str):
+        return getattr(self._study, name)
+
+
+class _KeepingMarks:
+    def __init__(self, inner, marks: dict, trial_id: int) -> None:
+        self._inner, self._marks, self._trial_id = inner, marks, trial_id
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value) -> None:
+        self._inner.set_trial_system_attr(trial_id, key, value)
+        if trial_id == self._trial_id:
+            self._marks[key] = value
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
 
 
 def open_study(cfg: RunConfig, spec: StudySpec, dataset: Dataset,

@@ -291,7 +291,9 @@ def test_tpe_reads_the_trials_once_per_trial_and_draws_the_same(monkeypatch):
 @pytest.mark.parametrize("name", ["sha", "hyperband"])
 def test_pruners_asked_only_at_their_rungs_prune_the_same_trials(name):
     """search.study.AtRungs skips the epochs where successive halving cannot prune: the
-    same trials are pruned at the same epochs as by the pruner asked at every epoch."""
+    same trials are pruned at the same epochs, with the same rung marks, as by the pruner
+    asked at every epoch; successive halving gets a trial's marks without reading them
+    back from the storage."""
     import random
 
     from search.study import make_pruner
@@ -301,6 +303,13 @@ def test_pruners_asked_only_at_their_rungs_prune_the_same_trials(name):
         study = optuna.create_study(study_name="rungs", direction="maximize",
                                     sampler=optuna.samplers.RandomSampler(seed=0),
                                     pruner=pruner)
+        real = study._storage.get_trial_system_attrs
+
+        def read(trial_id):
+            reads.append(trial_id)
+            return real(trial_id)
+
+        study._storage.get_trial_system_attrs = read
 
         def objective(trial):
             final, value = rng.random(), 0.0
@@ -311,13 +320,18 @@ def test_pruners_asked_only_at_their_rungs_prune_the_same_trials(name):
                     raise optuna.TrialPruned()
             return value
         study.optimize(objective, n_trials=40)
-        return [(t.state, t.last_step) for t in study.trials]
+        return [(t.state, t.last_step, t.system_attrs) for t in study.trials]
 
+    reads: list[int] = []
     ours = run(make_pruner(name, 20))
+    assert (not reads) if name == "sha" else reads
+    reads.clear()
     inner = run(make_pruner(name, 20).inner)
+    assert reads
     assert ours == inner
-    assert sum(state == TrialState.PRUNED for state, _ in ours) >= 10
-    assert {step for state, step in ours if state == TrialState.PRUNED} <= {1, 3, 9}
+    assert sum(state == TrialState.PRUNED for state, _, _ in ours) >= 10
+    assert {step for state, step, _ in ours if state == TrialState.PRUNED} <= {1, 3, 9}
+    assert any("completed_rung_1" in marks for _, _, marks in ours)
 
 
 def _count_commits(engine) -> list:
