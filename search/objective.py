@@ -55,7 +55,8 @@ REPORT_EVERY_S = 1.0  # a trial's reports reach the storage at least this often
 
 class TrialRecorder:
     """What a trial writes to its study, in few transactions (storage.write_trial): its
-    user attributes in groups, and its per-epoch reports gathered until the pruner is asked
+    user attributes in groups (the first with the params suggested within
+    storage.params_later), and its per-epoch reports gathered until the pruner is asked
     about one of them, REPORT_EVERY_S has passed since the last write (the dashboard's live
     curves lag by at most that), or the trial ends (the next `write`)."""
 

@@ -21,6 +21,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from search.errors import StorageError
+from storage.trials import count_trials, params_later, write_trial
 
 DEFAULT_URL = "sqlite:///studies.db"
 SQLITE_BUSY_TIMEOUT_S = 60  # a writer waits this long for the lock before failing
@@ -256,8 +257,6 @@ def artifact_store(url: str, directory: str | Path | None = None):
     base.mkdir(parents=True, exist_ok=True)
     return FileSystemArtifactStore(str(base))
 
-
-from storage.trials import count_trials, params_later, write_trial  # noqa: E402 - below open
 
 __all__ = ["DEFAULT_URL", "artifact_dir", "artifact_store", "cache_dir", "check", "count_trials",
            "open", "params_later", "parse", "shown", "sqlite_path", "write_trial"]

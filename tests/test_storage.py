@@ -127,3 +127,30 @@ def test_a_storage_password_is_never_written(postgres_url, study_name, tmp_path,
     study = optuna.load_study(study_name=study_name, storage=postgres_url)
     assert secret not in json.dumps(study.user_attrs)
     assert secret not in json.dumps(study._storage.get_study_system_attrs(study._study_id))
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask() outside optimize
+def test_count_trials_counts_every_state_in_one_query(storage_url, study_name):
+    """storage.count_trials, which lets the budget checks skip reading every trial while a
+    study is under its limit: every trial of the study in any state, no other study's."""
+    from sqlalchemy import event
+
+    opened = storage.open(storage_url)
+    other = optuna.create_study(storage=opened, study_name=study_name + "-other")
+    other.optimize(lambda t: 0.0, n_trials=2)
+    study = optuna.create_study(storage=opened, study_name=study_name)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    study.tell(study.ask(), state=optuna.trial.TrialState.PRUNED)
+    study.ask()  # running
+    study.enqueue_trial({"x": 0.5})  # waiting
+    statements = []
+    event.listen(opened.engine, "before_cursor_execute",
+                 lambda *args: statements.append(args[2]))
+    counted = storage.count_trials(study)
+    queries = [s for s in statements if not s.startswith("BEGIN")]  # SQLite's BEGIN IMMEDIATE
+    assert len(queries) == 1 and "count(" in queries[0].lower()
+    assert counted == len(study.get_trials()) == 7
+    in_memory = optuna.create_study()
+    in_memory.optimize(lambda t: 0.0, n_trials=2)
+    assert storage.count_trials(in_memory) == 2
