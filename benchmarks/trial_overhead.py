@@ -45,7 +45,7 @@ from search import data as data_module
 from search.config import RunConfig
 from search.objective import Objective, TrialRecorder
 from search.study import TPE_STARTUP_TRIALS, make_pruner, make_sampler
-from search.workers import cpu_workers
+from search.workers import cpu_threads, cpu_workers
 
 EPOCHS = 20
 # what search.objective.Objective writes to every trial besides its reports: "worker" alone
@@ -192,7 +192,7 @@ def main() -> None:
     # the service's default on a CPU-only machine: cpu_workers() processes, each with its
     # share of the cores (search.workers.run_workers); each pays its own trials' overhead
     cores = os.cpu_count() or 1
-    threads = max(1, cores // cpu_workers())
+    threads = cpu_threads(cpu_workers())
     typical = _typical_trial_seconds(threads)
     every_core = _typical_trial_seconds(cores) if cores != threads else typical
     print(f"typical trial (lecture mlp, 20 epochs, mnist-5k, CPU): {typical:.2f} s on "

@@ -47,6 +47,11 @@ def cpu_workers(cores: int | None = None) -> int:
     return max(1, min(cores, CPU_WORKERS_MAX)) if CPU_WORKERS_PER_CORE else 1
 
 
+def cpu_threads(workers: int) -> int:
+    """CPU threads of each of `workers` CPU workers: the machine's cores shared out."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
 def plan_devices(cfg: RunConfig) -> list[str]:
     """One device string per worker. --workers unset: --workers-per-device (default the
     study's) on every visible GPU, round-robin; on a CPU-only machine cpu_workers(). Raises
@@ -135,8 +140,7 @@ def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporte
     from search.objective import Objective
 
     target = budget.budget_used(study) + cfg.n_trials
-    cpu_workers = sum(1 for d in devices if d == "cpu")
-    threads = max(1, (os.cpu_count() or 1) // max(1, cpu_workers))
+    threads = cpu_threads(sum(1 for d in devices if d == "cpu"))
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used after fork
     # handed to each worker (pickled, no second load and no scikit-learn import there);
     # the test split stays here: the search never sees it
