@@ -103,7 +103,7 @@ def _split_once() -> None:
         if memo is None:
             return internal_repr(self, trials, search_space, study)
         held = memo.get(id(trials))
-        if held is None or held[0] is not trials:  # holding `trials` keeps its id its own
+        if held is None:  # held with `trials`, which keeps that id its own while memo lives
             held = memo[id(trials)] = (trials, [self._get_params(t, study) for t in trials])
         names = search_space.keys()
         values: dict[str, list] = {name: [] for name in names}
