@@ -21,7 +21,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from search.errors import StorageError
-from storage.trials import count_trials, params_later, write_trial
+from storage.trials import count_trials, params_later, system_attrs_by_prefix, write_trial
 
 DEFAULT_URL = "sqlite:///studies.db"
 SQLITE_BUSY_TIMEOUT_S = 60  # a writer waits this long for the lock before failing
