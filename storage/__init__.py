@@ -259,4 +259,5 @@ def artifact_store(url: str, directory: str | Path | None = None):
 
 
 __all__ = ["DEFAULT_URL", "artifact_dir", "artifact_store", "cache_dir", "check", "count_trials",
-           "open", "params_later", "parse", "shown", "sqlite_path", "write_trial"]
+           "open", "params_later", "parse", "shown", "sqlite_path", "system_attrs_by_prefix",
+           "write_trial"]
