@@ -202,11 +202,6 @@ class _TrialsOnce:
 
 
 REDUCTION_FACTOR = 3  # successive halving and Hyperband keep the best third at each rung
-try:  # successive halving's system attributes: completed_rung_0, completed_rung_1, ...
-    from optuna.pruners._successive_halving import _completed_rung_key
-    RUNG_MARK = _completed_rung_key(0).removesuffix("0")
-except ImportError:  # pragma: no cover - an Optuna that moved it: its own read of the trials
-    RUNG_MARK = None
 
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
@@ -234,10 +229,7 @@ class AtRungs(optuna.pruners.BasePruner):
     Successive halving finds a trial's rung from the marks it wrote on that trial at earlier
     rungs (its system attributes), and Optuna reads the whole trial from the storage to show
     them (six queries). Only the process running a trial writes its marks, so this one keeps
-    them as they are written and shows them to the pruner itself. It compares the trial with
-    the other trials' marks at that rung, for which Optuna reads every trial of the study
-    whole (seven queries, and at 1,000 trials as many trials built); here one query reads
-    the marks alone (storage.system_attrs_by_prefix)."""
+    them as they are written and shows them to the pruner itself."""
 
     KEPT = 64  # trials whose marks are kept (a process runs one trial at a time)
 
@@ -259,9 +251,7 @@ class AtRungs(optuna.pruners.BasePruner):
         step = trial.last_step
         if step is None or not self.asks_at(step):
             return False
-        if (type(self.inner) is not optuna.pruners.SuccessiveHalvingPruner
-                or getattr(self.inner, "_min_resource", None) is None  # estimated from trials
-                or RUNG_MARK is None):
+        if type(self.inner) is not optuna.pruners.SuccessiveHalvingPruner:
             return self.inner.prune(study, trial)
         marks = self._marks.pop(trial._trial_id, {})
         self._marks[trial._trial_id] = marks  # the latest last; the oldest go first
@@ -273,31 +263,15 @@ class AtRungs(optuna.pruners.BasePruner):
 
 
 class _MarksKept:
-    """`study` for successive halving, with a storage that also keeps in `marks` what the
-    pruner writes on trial `trial_id`'s system attributes, and whose trials are shown by
-    their rung marks alone: all that the pruner reads of them once its min_resource is set
-    (make_pruner sets it)."""
+    """`study` for a pruner, with a storage that also keeps in `marks` what the pruner
+    writes on trial `trial_id`'s system attributes."""
 
     def __init__(self, study: optuna.Study, marks: dict, trial_id: int) -> None:
         self._study = study
         self._storage = _KeepingMarks(study._storage, marks, trial_id)
 
-    def get_trials(self, deepcopy: bool = True, states=None):
-        marked = (storage_module.system_attrs_by_prefix(self._study, RUNG_MARK)
-                  if states is None else None)
-        if marked is None:
-            return self._study.get_trials(deepcopy=deepcopy, states=states)
-        return [_Marked(attrs) for attrs in marked]
-
     def __getattr__(self, name: str):
         return getattr(self._study, name)
-
-
-@dataclasses.dataclass
-class _Marked:
-    """A trial as successive halving compares it: its rung marks."""
-
-    system_attrs: dict
 
 
 class _KeepingMarks:

@@ -21,7 +21,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from search.errors import StorageError
-from storage.trials import count_trials, params_later, system_attrs_by_prefix, write_trial
+from storage.trials import count_trials, params_later, write_trial
 
 DEFAULT_URL = "sqlite:///studies.db"
 SQLITE_BUSY_TIMEOUT_S = 60  # a writer waits this long for the lock before failing
@@ -259,5 +259,4 @@ def artifact_store(url: str, directory: str | Path | None = None):
 
 
 __all__ = ["DEFAULT_URL", "artifact_dir", "artifact_store", "cache_dir", "check", "count_trials",
-           "open", "params_later", "parse", "shown", "sqlite_path", "system_attrs_by_prefix",
-           "write_trial"]
+           "open", "params_later", "parse", "shown", "sqlite_path", "write_trial"]

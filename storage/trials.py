@@ -50,27 +50,6 @@ def count_trials(study: optuna.Study) -> int:
             models.TrialModel.study_id == study._study_id).scalar()
 
 
-def system_attrs_by_prefix(study: optuna.Study, prefix: str) -> list[dict] | None:
-    """The system attributes whose key starts with `prefix`, of every trial of `study` that
-    has any (one dict per trial, in no set order), in one query; None when the storage is
-    not an RDB storage (read the trials instead). Optuna's read of the study's trials is
-    seven queries and builds every trial whole."""
-    rdb = _rdb(study._storage)
-    if rdb is None:
-        return None
-    attrs = models.TrialSystemAttributeModel
-    with _create_scoped_session(rdb.scoped_session) as session:
-        rows = (session.query(attrs.trial_id, attrs.key, attrs.value_json)
-                .join(models.TrialModel, models.TrialModel.trial_id == attrs.trial_id)
-                .filter(models.TrialModel.study_id == study._study_id,
-                        attrs.key.startswith(prefix, autoescape=True))
-                .all())
-    by_trial: dict[int, dict] = {}
-    for trial_id, key, value_json in rows:
-        by_trial.setdefault(trial_id, {})[key] = json.loads(value_json)
-    return list(by_trial.values())
-
-
 class _ParamsLater:
     """`trial.storage` while the trial suggests its params (params_later): each param waits
     in `pending` instead of a commit of its own. Any other use of it (the trial's attributes,
