@@ -72,15 +72,17 @@ def _vectorize_tpe() -> None:
 
 
 def _split_once() -> None:
-    """Let Optuna's TPE split the study's trials into its good and bad groups, and read
-    their params, once per trial instead of once per parameter. Univariate TPE sorts every
-    earlier trial for each of the ~10 mlp parameters (for pruned trials, by their last
-    report), the same split each time within one trial as it sees the study through
-    _TrialsOnce; at 1,000 trials that was about 5 ms per parameter; then, for each parameter
-    and group, it asks every trial for its params again (_get_internal_repr, 2.6 ms per
-    parameter at 1,000 trials; benchmarks/trial_overhead.py). The view keeps the split and
-    each group's params; a study seen otherwise is handled as Optuna does. Left as Optuna's
-    when a later Optuna no longer has those functions."""
+    """Let Optuna's TPE split the study's trials into its good and bad groups once per trial
+    instead of once per parameter, and read their params from columns kept across trials.
+    Univariate TPE sorts every earlier trial for each of the ~10 mlp parameters (for pruned
+    trials, by their last report), the same split each time within one trial as it sees the
+    study through _TrialsOnce; at 1,000 trials that was about 5 ms per parameter. Then, for
+    each parameter and group, it asks every trial for that param and converts it
+    (_get_internal_repr): a Python loop over the study per parameter, the largest item of
+    the service's own cost per trial at 1,000 trials (cProfile of
+    benchmarks/trial_overhead.py). A finished trial's params never change, so
+    _ParamColumns keeps them converted, by trial number. A study seen otherwise is handled
+    as Optuna does. Left as Optuna's when a later Optuna no longer has those functions."""
     from optuna.samplers._tpe import sampler as tpe
 
     split = getattr(tpe, "_split_trials", None)
@@ -99,23 +101,73 @@ def _split_once() -> None:
         return memo[key]  # the same lists each time: TPE only reads them
 
     def get_internal_repr(self, trials, search_space, study):
-        memo = getattr(study, "params_memo", None)
-        if memo is None:
+        columns = getattr(study, "param_columns", None)
+        if columns is None:
             return internal_repr(self, trials, search_space, study)
-        held = memo.get(id(trials))
-        if held is None:  # held with `trials`, which keeps that id its own while memo lives
-            held = memo[id(trials)] = (trials, [self._get_params(t, study) for t in trials])
-        names = search_space.keys()
-        values: dict[str, list] = {name: [] for name in names}
-        for params in held[1]:
-            if names <= params.keys():
-                for name, distribution in search_space.items():
-                    values[name].append(distribution.to_internal_repr(params[name]))
-        return {name: np.asarray(v) for name, v in values.items()}
+        return columns.internal_repr(self, trials, search_space, study)
 
     split_trials.memoized = True
     tpe._split_trials = split_trials
     tpe.TPESampler._get_internal_repr = get_internal_repr
+
+
+class _ParamColumns:
+    """What TPE's _get_internal_repr returns, from columns: for each (param, distribution)
+    the finished trials' values as TPE converts them, indexed by trial number, each
+    converted once for the life of the sampler. A running trial (TPE's constant liar counts
+    them) may still suggest more, so its params are read as Optuna reads them, each time.
+    Same arrays, in the same order, as Optuna's loop (tests/test_study.py)."""
+
+    def __init__(self) -> None:
+        # (name, distribution) -> [value, has the param, looked at] arrays by trial number
+        self._columns: dict[tuple, list[np.ndarray]] = {}
+        self._groups: dict[int, tuple] = {}  # id(trials) -> (trials, numbers, finished)
+
+    def start_trial(self) -> None:
+        """Forget the groups of the last trial (held by id, which they keep while held)."""
+        self._groups.clear()
+
+    def _group(self, trials: list) -> tuple:
+        held = self._groups.get(id(trials))
+        if held is None:
+            numbers = np.fromiter((t.number for t in trials), dtype=np.int64, count=len(trials))
+            finished = np.fromiter((t.state.is_finished() for t in trials), dtype=bool,
+                                   count=len(trials))
+            held = self._groups[id(trials)] = (trials, numbers, finished)
+        return held
+
+    def _column(self, name: str, distribution, size: int) -> list[np.ndarray]:
+        column = self._columns.get((name, distribution))
+        if column is None:
+            column = self._columns[name, distribution] = [
+                np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0, dtype=bool)]
+        if len(column[0]) < size:
+            grown = max(size, 2 * len(column[0]))
+            for i, array in enumerate(column):
+                column[i] = np.concatenate([array, np.zeros(grown - len(array), array.dtype)])
+        return column
+
+    def internal_repr(self, sampler, trials, search_space, study) -> dict[str, np.ndarray]:
+        trials, numbers, finished = self._group(trials)
+        size = int(numbers.max()) + 1 if len(numbers) else 0
+        keep = finished.copy()  # which trials have every param; running ones decided below
+        values = {}
+        for name, distribution in search_space.items():
+            value, has, looked = self._column(name, distribution, size)
+            for position in np.flatnonzero(finished & ~looked[numbers]):
+                number, params = numbers[position], trials[position].params
+                if name in params:  # may raise, as Optuna's loop: then asked again next time
+                    value[number], has[number] = distribution.to_internal_repr(params[name]), 1
+                looked[number] = True
+            keep &= has[numbers]
+            values[name] = value[numbers]
+        for position in np.flatnonzero(~finished):
+            params = sampler._get_params(trials[position], study)
+            if search_space.keys() <= params.keys():
+                keep[position] = True
+                for name, distribution in search_space.items():
+                    values[name][position] = distribution.to_internal_repr(params[name])
+        return {name: column[keep] for name, column in values.items()}
 
 
 class TrialSeeded(optuna.samplers.BaseSampler):
@@ -137,11 +189,14 @@ class TrialSeeded(optuna.samplers.BaseSampler):
     def __init__(self, inner: optuna.samplers.BaseSampler, seed: int) -> None:
         self.inner, self.seed = inner, seed
         self._views: dict[int, _TrialsOnce] = {}  # by trial number, while it suggests
+        self._columns: dict[int, _ParamColumns] = {}  # by study id
 
     def _view(self, study, trial) -> _TrialsOnce:
         view = self._views.get(trial.number)
         if view is None:
-            view = self._views[trial.number] = _TrialsOnce(study)
+            columns = self._columns.setdefault(study._study_id, _ParamColumns())
+            columns.start_trial()
+            view = self._views[trial.number] = _TrialsOnce(study, columns)
         return view
 
     def before_trial(self, study, trial) -> None:
@@ -174,12 +229,12 @@ class _TrialsOnce:
     """A study whose trials are read from the storage once, at the first call that asks for
     them; everything else is the study's own."""
 
-    def __init__(self, study: optuna.Study) -> None:
+    def __init__(self, study: optuna.Study, columns: _ParamColumns | None = None) -> None:
         self._study = study
         self._trials: list[optuna.trial.FrozenTrial] | None = None
         self._by_states: dict[tuple, list[optuna.trial.FrozenTrial]] = {}
         self.split_memo: dict = {}  # TPE's good/bad split of those trials (_split_once)
-        self.params_memo: dict = {}  # and each group's params
+        self.param_columns = columns  # and their params
 
     def __getattr__(self, name: str):
         return getattr(self._study, name)

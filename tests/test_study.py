@@ -465,3 +465,68 @@ def test_params_wait_for_the_next_write_and_are_never_lost(storage_url, study_na
             storage.params_later(trial):
         trial.suggest_categorical("x", ["a", "b"])
         storage.write_trial(trial, {"c": 1})
+
+
+def test_tpe_param_columns_equal_optunas_loop():
+    """search.study._ParamColumns gives TPE the arrays Optuna's _get_internal_repr builds,
+    in the same order: finished trials from columns kept across trials (grown as the study
+    grows, a param missing where another layer count left it out), running trials (TPE's
+    constant liar) as they are at each call, with params they suggested since."""
+    import numpy as np
+
+    from search.study import _ParamColumns, make_sampler
+
+    study = optuna.create_study(direction="maximize", sampler=make_sampler("tpe", 0))
+    sampler = study.sampler.inner
+    columns = _ParamColumns()
+
+    def optunas(trials, space):  # Optuna's loop, as optuna/samplers/_tpe/sampler.py has it
+        values = {name: [] for name in space}
+        for trial in trials:
+            params = sampler._get_params(trial, study)
+            if space.keys() <= params.keys():
+                for name, distribution in space.items():
+                    values[name].append(distribution.to_internal_repr(params[name]))
+        return {name: np.asarray(v) for name, v in values.items()}
+
+    def add(n_trials: int, running: int) -> list:
+        for i in range(n_trials):
+            trial = study.ask()
+            mlp_space.suggest(trial)
+            state = [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL][i % 3]
+            if state == TrialState.PRUNED:
+                trial.report(0.5, 1)
+            study.tell(trial, 0.5 + i / 100 if state == TrialState.COMPLETE else None,
+                       state=state)
+        asked = [study.ask() for _ in range(running)]
+        for trial in asked:  # running, partly suggested
+            trial.suggest_int("n_layers", 1, mlp_space.MAX_LAYERS)
+        return asked
+
+    def compare(space) -> None:
+        trials = study.get_trials(deepcopy=False,
+                                  states=[TrialState.COMPLETE, TrialState.PRUNED,
+                                          TrialState.RUNNING])
+        expected = optunas(trials, space)
+        got = columns.internal_repr(sampler, trials, space, study)
+        assert got.keys() == expected.keys()
+        for name in space:
+            assert got[name].tolist() == expected[name].tolist(), name
+        checked.append((len(next(iter(expected.values()))), len(trials)))
+
+    checked: list[int] = []
+    running = add(20, running=2)
+    distributions = {name: d for t in study.trials for name, d in t.distributions.items()}
+    spaces = [{name: distribution} for name, distribution in distributions.items()]
+    spaces.append({name: distributions[name] for name in sorted(distributions)[:3]})
+    for space in spaces:
+        compare(space)
+    columns.start_trial()
+    for trial in running:  # the running trials suggest more, finish; others start
+        mlp_space.suggest(trial)
+        study.tell(trial, 0.9)
+    add(45, running=1)
+    for space in spaces:
+        compare(space)
+    assert len(distributions) >= 8 and max(kept for kept, _ in checked) >= 40
+    assert any(0 < kept < of for kept, of in checked)  # a param some trials do not have
