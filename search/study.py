@@ -95,7 +95,9 @@ def _split_once() -> None:
         memo = getattr(study, "split_memo", None)
         if memo is None:
             return split(study, trials, n_below)
-        key = (n_below, tuple(t.number for t in trials))
+        # the same trial objects (the view's): their ids stay theirs, as the split held
+        # here holds every one of them
+        key = (n_below, tuple(map(id, trials)))
         if key not in memo:
             memo[key] = split(study, trials, n_below)
         return memo[key]  # the same lists each time: TPE only reads them
