@@ -118,7 +118,8 @@ class _ParamColumns:
     the finished trials' values as TPE converts them, indexed by trial number, each
     converted once for the life of the sampler. A running trial (TPE's constant liar counts
     them) may still suggest more, so its params are read as Optuna reads them, each time.
-    Same arrays, in the same order, as Optuna's loop (tests/test_study.py)."""
+    Same arrays, in the same order, as Optuna's loop (tests/test_study.py). One trial
+    suggests at a time (the service's workers are processes, not threads of one sampler)."""
 
     def __init__(self) -> None:
         # (name, distribution) -> [value, has the param, looked at] arrays by trial number
