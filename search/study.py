@@ -106,7 +106,7 @@ def _split_once() -> None:
         columns = getattr(study, "param_columns", None)
         if columns is None:
             return internal_repr(self, trials, search_space, study)
-        return columns.internal_repr(self, trials, search_space, study)
+        return columns.internal_repr(self, trials, search_space, study, study.param_groups)
 
     split_trials.memoized = True
     tpe._split_trials = split_trials
@@ -124,19 +124,17 @@ class _ParamColumns:
     def __init__(self) -> None:
         # (name, distribution) -> [value, has the param, looked at] arrays by trial number
         self._columns: dict[tuple, list[np.ndarray]] = {}
-        self._groups: dict[int, tuple] = {}  # id(trials) -> (trials, numbers, finished)
 
-    def start_trial(self) -> None:
-        """Forget the groups of the last trial (held by id, which they keep while held)."""
-        self._groups.clear()
-
-    def _group(self, trials: list) -> tuple:
-        held = self._groups.get(id(trials))
+    @staticmethod
+    def _group(trials: list, groups: dict) -> tuple:
+        """`trials` with their numbers and which are finished, kept in `groups` (one
+        trial's: by id, which each list keeps while held there)."""
+        held = groups.get(id(trials))
         if held is None:
             numbers = np.fromiter((t.number for t in trials), dtype=np.int64, count=len(trials))
             finished = np.fromiter((t.state.is_finished() for t in trials), dtype=bool,
                                    count=len(trials))
-            held = self._groups[id(trials)] = (trials, numbers, finished)
+            held = groups[id(trials)] = (trials, numbers, finished)
         return held
 
     def _column(self, name: str, distribution, size: int) -> list[np.ndarray]:
@@ -150,8 +148,9 @@ class _ParamColumns:
                 column[i] = np.concatenate([array, np.zeros(grown - len(array), array.dtype)])
         return column
 
-    def internal_repr(self, sampler, trials, search_space, study) -> dict[str, np.ndarray]:
-        trials, numbers, finished = self._group(trials)
+    def internal_repr(self, sampler, trials, search_space, study,
+                      groups: dict) -> dict[str, np.ndarray]:
+        trials, numbers, finished = self._group(trials, groups)
         size = int(numbers.max()) + 1 if len(numbers) else 0
         keep = finished.copy()  # which trials have every param; running ones decided below
         values = {}
@@ -198,7 +197,6 @@ class TrialSeeded(optuna.samplers.BaseSampler):
         view = self._views.get(trial.number)
         if view is None:
             columns = self._columns.setdefault(study._study_id, _ParamColumns())
-            columns.start_trial()
             view = self._views[trial.number] = _TrialsOnce(study, columns)
         return view
 
@@ -237,7 +235,8 @@ class _TrialsOnce:
         self._trials: list[optuna.trial.FrozenTrial] | None = None
         self._by_states: dict[tuple, list[optuna.trial.FrozenTrial]] = {}
         self.split_memo: dict = {}  # TPE's good/bad split of those trials (_split_once)
-        self.param_columns = columns  # and their params
+        self.param_columns = columns  # and their params (kept across trials)
+        self.param_groups: dict = {}  # the groups' numbers, for param_columns
 
     def __getattr__(self, name: str):
         return getattr(self._study, name)

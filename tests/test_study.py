@@ -324,6 +324,7 @@ def test_pruners_asked_only_at_their_rungs_prune_the_same_trials(name, backend, 
             return real(trial_id)
 
         study._storage.get_trial_system_attrs = read
+
         def objective(trial):
             final, value = rng.random(), 0.0
             for epoch in range(1, 21):
@@ -508,20 +509,21 @@ def test_tpe_param_columns_equal_optunas_loop():
                                   states=[TrialState.COMPLETE, TrialState.PRUNED,
                                           TrialState.RUNNING])
         expected = optunas(trials, space)
-        got = columns.internal_repr(sampler, trials, space, study)
+        got = columns.internal_repr(sampler, trials, space, study, groups)
         assert got.keys() == expected.keys()
         for name in space:
             assert got[name].tolist() == expected[name].tolist(), name
         checked.append((len(next(iter(expected.values()))), len(trials)))
 
     checked: list[int] = []
+    groups: dict = {}  # one trial's (search.study._TrialsOnce.param_groups)
     running = add(20, running=2)
     distributions = {name: d for t in study.trials for name, d in t.distributions.items()}
     spaces = [{name: distribution} for name, distribution in distributions.items()]
     spaces.append({name: distributions[name] for name in sorted(distributions)[:3]})
     for space in spaces:
         compare(space)
-    columns.start_trial()
+    groups = {}  # the next trial's
     for trial in running:  # the running trials suggest more, finish; others start
         mlp_space.suggest(trial)
         study.tell(trial, 0.9)
