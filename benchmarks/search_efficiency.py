@@ -48,6 +48,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# this checkout's service, not whichever one is installed: the runs (PYTHONPATH below) and the
+# references must measure the same code, and a copy of the tree runs without an install
+sys.path.insert(0, str(REPO))
 FIXED_EPOCHS = 10  # the naive and expert scripts' epochs per trial (Optuna's example uses 10)
 BATCH = 128
 GRACE_S = 90  # how long a run may overrun its budget (its last trial) before it is stopped
@@ -278,6 +281,11 @@ def _ratio(slow: dict, fast: dict, budget: float) -> str:
     return f"{slow['time'] / fast['time']:.1f}x"
 
 
+def _write_out(path: str, args: argparse.Namespace, runs: dict, **more) -> None:
+    Path(path).write_text(json.dumps({"args": vars(args), **more, "runs": runs}),
+                          encoding="utf-8")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="mnist-5k")
@@ -330,6 +338,8 @@ def main() -> int:
                 else:
                     run = _service_arm(flags, args.data, data_dir, seed, args.budget, workdir)
                 runs[arm].append(run)
+                if args.out:  # as it goes: a run is minutes of machine time
+                    _write_out(args.out, args, runs)
                 print(f"seed {seed} {arm}: {len(run['finished'])} trials, best "
                       f"{max((e['acc'] for e in run['events']), default=0):.4f} "
                       f"({time.perf_counter() - started:.0f} s so far)", flush=True)
@@ -338,9 +348,7 @@ def main() -> int:
         max(references.values()) + TARGET_MARGIN)
     summary = {arm: _summarize(rs, args.budget, target) for arm, rs in runs.items()}
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "target": target,
-                                              "references": references, "runs": runs}),
-                                  encoding="utf-8")
+        _write_out(args.out, args, runs, target=target, references=references)
     print(f"\n{args.data}{' from ' + data_dir if data_dir else ''}: {args.seeds} seeds; "
           "reference configs (trained once, the service's epochs): " + ", ".join(
               f"{name} {value:.4f}" for name, value in references.items()))
