@@ -11,7 +11,8 @@ a validation accuracy after each of 20 epochs, through the same TrialRecorder (t
 with the start attributes in one transaction, the end attributes in another, reports written
 where the pruner is asked about them), and a pruned trial stops there, as a real one does.
 The optuna-tpe arm writes as a plain Optuna objective does: one transaction per param, per
-attribute and per report, the pruner asked at every epoch.
+attribute and per report, the pruner asked at every epoch, and reads the trials through
+Optuna's own RDBStorage (its ORM) instead of storage.reads.
 
 For each storage and study size N it runs N trials in a fresh study and prints the mean
 seconds per trial over the last tenth (the cost at that size), split into sampler+storage
@@ -111,6 +112,8 @@ def _run_study(url: str, n: int, sampler: str, pruner: str) -> tuple[float, floa
     spec = registry.get("mlp")
     opened = storage.open(url)
     if sampler == PLAIN:
+        # the same engine and heartbeats, Optuna's own reads (storage.reads: its subclass)
+        opened.__class__ = optuna.storages.RDBStorage
         # built here, not by make_sampler, which would switch log Phi to scipy's again
         chosen = optuna.samplers.TPESampler(seed=0, n_startup_trials=TPE_STARTUP_TRIALS,
                                             constant_liar=True)

@@ -21,6 +21,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from search.errors import StorageError
+from storage.reads import CoreReadStorage
 from storage.trials import count_trials, params_later, write_trial
 
 DEFAULT_URL = "sqlite:///studies.db"
@@ -140,10 +141,9 @@ def _rdb_storage(url: str, engine_kwargs: dict, heartbeat_interval: int,
         # heartbeats are marked experimental in Optuna; they are what makes retry work
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
-                                          heartbeat_interval=heartbeat_interval,
-                                          grace_period=grace_period,
-                                          heartbeat_stale_trial_callback=retry)
+        return CoreReadStorage(url, engine_kwargs=engine_kwargs,
+                               heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                               heartbeat_stale_trial_callback=retry)
 
 
 def open(  # noqa: A001 (storage.open is the name the design gives it)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sqlite3
+import time
 from collections import Counter
 
 import optuna
@@ -154,3 +156,87 @@ def test_count_trials_counts_every_state_in_one_query(storage_url, study_name):
     in_memory = optuna.create_study()
     in_memory.optimize(lambda t: 0.0, n_trials=2)
     assert storage.count_trials(in_memory) == 2
+
+
+@pytest.fixture
+def new_york():
+    """The process's local time zone is New York's for the test (Optuna shows the trials'
+    stored UTC times in local time)."""
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = "America/New_York"
+    time.tzset()
+    yield
+    if saved is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = saved
+    time.tzset()
+
+
+def _shown(trials) -> list[str]:
+    """Each trial as every field it holds, in order (repr: nan equals nan here)."""
+    return [repr(vars(t)) for t in trials]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask() outside optimize
+@pytest.mark.parametrize("directions", [["maximize"], ["minimize", "maximize"]])
+def test_core_reads_equal_optunas(storage_url, study_name, directions, new_york):
+    """storage.reads.CoreReadStorage builds the same FrozenTrials as Optuna's ORM reads, field
+    by field and in order, for every trial state, distribution kind, value kind (inf, nan),
+    attribute kind and read Optuna's cache wrapper makes; and the same study attributes.
+    In a time zone other than UTC, where the stored times are shown converted."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from storage.reads import CoreReadStorage
+
+    opened = storage.open(storage_url)
+    assert type(opened) is CoreReadStorage
+    study = optuna.create_study(storage=opened, study_name=study_name, directions=directions)
+    study.set_user_attr("max_trials", 40)
+    study.set_user_attr("dataset", {"name": "digits", "n": [1, 2]})
+    kinds = {"f": FloatDistribution(0, 1), "log": FloatDistribution(1e-4, 1, log=True),
+             "step": FloatDistribution(0, 1, step=0.25), "i": IntDistribution(1, 10),
+             "ilog": IntDistribution(32, 1024, log=True),
+             "c": CategoricalDistribution(["a", None, True, 2.5])}
+    chosen = dict(zip(kinds, [0.5, 0.01, 0.75, 3, 100, None], strict=True))
+    single = len(directions) == 1
+    for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+        for value in (0.25, float("inf"), -float("inf")):
+            steps = {1: 0.5, 2: float("nan"), 3: value} if single else {}
+            study.add_trial(create_trial(
+                state=state, params=chosen, distributions=kinds,
+                values=[value] * len(directions) if state == TrialState.COMPLETE else None,
+                intermediate_values=steps, user_attrs={"a": [1, 2], "b": {"x": None}},
+                system_attrs={"completed_rung_0": value}))
+    running = study.ask()
+    running.suggest_float("f", 0, 1)
+    running.set_user_attr("worker", 3)
+    if single:
+        running.report(0.125, 1)
+    study.enqueue_trial({"f": 0.5}, user_attrs={"queued": True})
+    study.enqueue_trial({"i": 4})
+    study.ask({"step": FloatDistribution(0, 1, step=0.25)})  # the first queued one, popped
+    rdb, study_id = study._storage._backend, study._study_id
+    assert type(rdb) is CoreReadStorage
+    optunas = optuna.storages.RDBStorage
+    every = optunas._get_trials(rdb, study_id, None, set(), -1)
+    assert len(every) == 12 and {t.state for t in every} == set(TrialState)
+    assert sum(bool(t.params) for t in every) == 11  # a queued trial has none yet
+    for states in (None, (TrialState.COMPLETE, TrialState.PRUNED), (TrialState.RUNNING,)):
+        # what Optuna's cache wrapper asks: everything, the unfinished and the newer ones
+        for included, newer in ((set(), -1), ({running._trial_id}, 10**9),
+                                ({running._trial_id}, every[4]._trial_id), (set(), 5)):
+            ours = rdb._get_trials(study_id, states, included, newer)
+            assert _shown(ours) == _shown(optunas._get_trials(rdb, study_id, states, included,
+                                                             newer))
+    for trial in every:
+        assert _shown([rdb.get_trial(trial._trial_id)]) == _shown([trial])
+    assert _shown(study.get_trials()) == _shown(every)  # through Optuna's cache wrapper
+    assert rdb.get_study_user_attrs(study_id) == optunas.get_study_user_attrs(rdb, study_id)
+    assert study.user_attrs["dataset"] == {"name": "digits", "n": [1, 2]}
+    missing = max(t._trial_id for t in every) + 1000
+    for read in (lambda: rdb.get_trial(missing), lambda: rdb._get_trials(10**8, None, set(), -1),
+                 lambda: rdb.get_study_user_attrs(10**8)):
+        with pytest.raises(KeyError):
+            read()
