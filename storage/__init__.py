@@ -3,7 +3,8 @@
 Used by `python -m search.run --storage URL` (default `sqlite:///studies.db`). SQLite gets a
 busy timeout and WAL journaling so several worker processes on one machine and a running
 optuna-dashboard do not hit "database is locked"; every RDB storage gets heartbeats, and a
-trial whose worker died is failed and retried.
+trial whose worker died is failed and retried. Trials are read back with plain SELECTs
+(storage.reads) and a running trial's writes are grouped (storage.trials).
 """
 
 from __future__ import annotations
