@@ -3,8 +3,8 @@
 Used by `python -m search.run --storage URL` (default `sqlite:///studies.db`). SQLite gets a
 busy timeout and WAL journaling so several worker processes on one machine and a running
 optuna-dashboard do not hit "database is locked"; every RDB storage gets heartbeats, and a
-trial whose worker died is failed and retried. Trials are read back with plain SELECTs
-(storage.reads) and a running trial's writes are grouped (storage.trials).
+trial whose worker died is failed and retried. On a server database trials are read back
+with plain SELECTs (storage.reads); a running trial's writes are grouped (storage.trials).
 """
 
 from __future__ import annotations
@@ -142,9 +142,14 @@ def _rdb_storage(url: str, engine_kwargs: dict, heartbeat_interval: int,
         # heartbeats are marked experimental in Optuna; they are what makes retry work
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
-        return CoreReadStorage(url, engine_kwargs=engine_kwargs,
-                               heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                               heartbeat_stale_trial_callback=retry)
+        # SQLite: Optuna's reads. Every SQLite transaction here takes the write lock (BEGIN
+        # IMMEDIATE, below), and a plain read on its own connection beside Optuna's
+        # thread-local session stalled a worker for the busy timeout in 3 of ~40 runs of
+        # test_several_processes_share_one_study; never with Optuna's reads
+        kind = (optuna.storages.RDBStorage if make_url(url).get_backend_name() == "sqlite"
+                else CoreReadStorage)
+        return kind(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period, heartbeat_stale_trial_callback=retry)
 
 
 def open(  # noqa: A001 (storage.open is the name the design gives it)

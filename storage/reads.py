@@ -11,7 +11,9 @@ CoreReadStorage reads the same rows with SQLAlchemy Core, the trials first and t
 related table for those trial ids, and builds the FrozenTrials itself; tests/test_storage.py
 holds it equal to Optuna's own read for trials of every state, distribution and value kind.
 Everything else (writes, studies, heartbeats) is Optuna's. With an Optuna whose tables or
-privates moved, the reads are Optuna's too.
+privates moved, the reads are Optuna's too. storage.open uses it for server databases only:
+on SQLite, where every transaction here takes the write lock, a read on a connection of its
+own beside Optuna's session stalled a worker in a test now and then (storage.open).
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ except ImportError:  # pragma: no cover - an Optuna that moved them: its own rea
 
 CHUNK = 500  # trial ids per IN (...): SQLite's oldest variable limit is 999
 
-# each related table, its primary key (the order Optuna's rows come in) and what it fills
-_RELATED = ("TrialParamModel", "param_id"), ("TrialValueModel", "trial_value_id"), \
-    ("TrialUserAttributeModel", "trial_user_attribute_id"), \
-    ("TrialSystemAttributeModel", "trial_system_attribute_id"), \
-    ("TrialIntermediateValueModel", "trial_intermediate_value_id")
+# the tables a trial's params, values, user and system attributes and reports are in (read
+# in this order by _read), each with its primary key: the order Optuna's rows come in
+_RELATED = (("TrialParamModel", "param_id"), ("TrialValueModel", "trial_value_id"),
+            ("TrialUserAttributeModel", "trial_user_attribute_id"),
+            ("TrialSystemAttributeModel", "trial_system_attribute_id"),
+            ("TrialIntermediateValueModel", "trial_intermediate_value_id"))
 
 
 def _tables():
