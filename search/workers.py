@@ -1,8 +1,10 @@
 """Several trial workers for one `python -m search.run` (--workers N, or one per GPU).
 
 The first worker is the parent process itself (its data is loaded, its imports are done);
-each other one is a spawned process on its own device, handed the training and validation
-splits, that opens the same storage and pulls trials from the same study until the run's
+each other one is a process on its own device, forked from a fork server that imported the
+service while the parent loaded its data (spawned where there is no fork server), handed the
+training and validation splits, that opens the same storage and pulls trials from the same
+study until the run's
 budget (--n-trials more trials than the study had when the run started, counting running
 ones; search.budget) is used up. A thread of the parent logs each finished trial, as a
 single worker does, and replaces a spawned worker that dies (its trial failed and retried
@@ -39,6 +41,11 @@ POLL_S = 1.0  # how often the parent looks for finished trials
 # core (False); benchmarks/search_efficiency.py measured both (README)
 CPU_WORKERS_PER_CORE = True
 CPU_WORKERS_MAX = 8  # each worker holds its own copy of the data
+# What the fork server imports before it forks any worker. torch._dynamo because every
+# torch.optim step imports it at its first call: about 2 s on a slow core, which a spawned
+# worker paid in its first epoch. The server runs no torch op and never touches a GPU, so a
+# worker forked from it may use CUDA and its own threads, as a spawned one may.
+FORKSERVER_PRELOAD = ("search.workers", "search.objective", "search.study", "torch._dynamo")
 
 
 def cpu_workers(cores: int | None = None) -> int:
@@ -68,11 +75,41 @@ def plan_devices(cfg: RunConfig) -> list[str]:
     return [cfg.device if cfg.device != "auto" else "cpu"] * count
 
 
+def _context():
+    """Where workers come from: the fork server where the platform has one (Linux, macOS),
+    else spawned (Windows). Either way a worker inherits nothing but its arguments."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(FORKSERVER_PRELOAD))  # used when the server starts
+    return context
+
+
+def prestart() -> None:
+    """Start the fork server now, so that it imports the service on another core while this
+    process loads the data and opens the study: the workers run_workers starts later are
+    forked from it in milliseconds (a spawned worker took seconds of imports before its first
+    trial, and its first epoch seconds more). No-op without a fork server, or once started."""
+    if _context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
+def adopt(environ: dict[str, str] | None) -> None:
+    """In a worker: take the parent's environment as it was when the worker was started."""
+    if environ is not None:
+        os.environ.clear()
+        os.environ.update(environ)
+
+
 def _worker(cfg_dict: dict, study_name: str, device: str, index: int, target: int,
-            threads: int, dataset) -> None:
-    """Entry point of one worker process (spawned: nothing is inherited but arguments; the
-    data is one of them, its training and validation splits only). Exits 2 with one line on
-    a configuration error. Ctrl-C is the parent's to handle."""
+            threads: int, dataset, environ: dict[str, str] | None = None) -> None:
+    """Entry point of one worker process (nothing is inherited but arguments; the data is
+    one of them, its training and validation splits only; `environ`, the parent's
+    environment when it started this worker, replaces the fork server's, which may be older).
+    Exits 2 with one line on a configuration error. Ctrl-C is the parent's to handle."""
+    adopt(environ)
     import storage
     from search import registry
     from search.objective import Objective
@@ -141,21 +178,23 @@ def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporte
 
     target = budget.budget_used(study) + cfg.n_trials
     threads = cpu_threads(sum(1 for d in devices if d == "cpu"))
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be used after fork
+    context = _context()  # not a fork of this process: CUDA cannot be used after fork
     # handed to each worker (pickled, no second load and no scikit-learn import there);
     # the test split stays here: the search never sees it
     searched = without_test(dataset)
 
     def start(slot: int):
         process = context.Process(target=_worker, name=f"search-worker-{slot}", args=(
-            asdict(cfg), study.study_name, devices[slot], slot, target, threads, searched))
+            asdict(cfg), study.study_name, devices[slot], slot, target, threads, searched,
+            dict(os.environ)))
         process.start()
         return process
 
     log.info("%d workers on %s, until the study holds %d trials", len(devices),
              ", ".join(devices), target)
-    processes = [start(slot) for slot in range(1, len(devices))]
-    monitor = _Monitor(study, processes, start, target, reporter)
+    # the monitor's thread starts them: a fork server still importing would hold back this
+    # process's own first trial
+    monitor = _Monitor(study, len(devices) - 1, start, target, reporter)
     monitor.start()
     here = devices[0]
     all_threads = torch.get_num_threads()
@@ -176,20 +215,31 @@ def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporte
 
 
 class _Monitor(threading.Thread):
-    """The thread of run_workers that watches the spawned workers: logs each finished trial
-    (its own and theirs) and replaces a worker that died."""
+    """The thread of run_workers that starts the other workers (slots 1..`count`), watches
+    them, logs each finished trial (its own and theirs) and replaces a worker that died."""
 
-    def __init__(self, study, processes, start, target: int, reporter) -> None:
+    def __init__(self, study, count: int, start, target: int, reporter) -> None:
         super().__init__(name="search-workers-monitor", daemon=True)
-        self.study, self.processes, self.start_worker = study, processes, start
+        self.study, self.count, self.start_worker = study, count, start
+        self.processes: list = []
         self.target, self.reporter = target, reporter
-        self.pids = [p.pid for p in processes]
+        self.pids: list[int] = []
         self.seen = {t.number for t in study.get_trials(deepcopy=False, states=_FINISHED)}
-        self.replacements = 2 * (len(processes) + 1)  # not restarted forever
+        self.replacements = 2 * (count + 1)  # not restarted forever
         self.stopping = threading.Event()
         self.lock = threading.Lock()  # report_new from the thread and from its owner
 
     def run(self) -> None:
+        for slot in range(1, self.count + 1):
+            if self.stopping.is_set():
+                return
+            try:
+                self.processes.append(self.start_worker(slot))
+            except Exception as exc:  # noqa: BLE001 - e.g. out of processes: this one goes on
+                log.warning("worker %d could not start (%s); the others go on", slot,
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                continue
+            self.pids.append(self.processes[-1].pid)
         while any(p is not None for p in self.processes) and not self.stopping.is_set():
             try:
                 self._poll()

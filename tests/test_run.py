@@ -136,6 +136,43 @@ def test_cpu_workers_follow_the_cores():
         assert workers.cpu_workers(cores) == expected
 
 
+def _report_worker_start(queue, environ) -> None:
+    """A stand-in for search.workers._worker: what a worker finds when it starts."""
+    import sys
+
+    from search import workers
+
+    preloaded = "torch._dynamo" in sys.modules  # before anything here imports it
+    workers.adopt(environ)
+    queue.put((preloaded, os.environ.get("SEARCH_PROBE"), os.getppid()))
+
+
+def test_workers_come_warm_from_the_fork_server_with_the_parents_environment(monkeypatch):
+    """Workers are forked from a server started early that imported the service and
+    torch._dynamo (every optimizer's first step imports it: seconds in a worker's first
+    epoch); each takes the parent's environment as it is when the worker starts, not as it
+    was when the server started."""
+    import multiprocessing
+
+    from search import workers
+
+    workers.prestart()
+    context = workers._context()
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork server on this platform: workers are spawned")
+    assert context.get_start_method() == "forkserver"
+    monkeypatch.setenv("SEARCH_PROBE", "set after the server started")
+    queue = context.Queue()
+    process = context.Process(target=_report_worker_start, args=(queue, dict(os.environ)))
+    process.start()
+    preloaded, probe, parent = queue.get(timeout=120)
+    process.join(timeout=60)
+    assert process.exitcode == 0
+    assert preloaded, "torch._dynamo was not imported by the fork server"
+    assert probe == "set after the server started"
+    assert parent != os.getpid()  # forked by the server, not by this process
+
+
 def test_the_parent_process_is_one_of_the_workers(tmp_path):
     """With --workers 2 this process runs trials itself, single-threaded like each spawned
     worker, while the other worker starts; it gets its threads back for the final step."""
