@@ -144,8 +144,7 @@ def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, D
     """Open the storage, load the data once, run the trials. Raises ConfigError."""
     spec = registry.get(cfg.study)
     devices = plan_devices(cfg)  # checks --device before anything is opened or loaded
-    if len(devices) > 1:
-        prestart()  # the other workers' imports, on another core while the data loads
+    prestart(devices)  # a fork server's imports, on another core while the data loads
     # a frozen backbone's weights, found (or refused in one line) before anything is written
     weights = resolve_weights(cfg.weights, cfg.seed) if spec.feature_head else None
     storage.check(cfg.storage)  # a bad URL fails before any data is loaded

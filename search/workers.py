@@ -13,6 +13,7 @@ at once, not after a heartbeat's grace period); the parent runs the final step.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import multiprocessing
 import os
@@ -75,24 +76,39 @@ def plan_devices(cfg: RunConfig) -> list[str]:
     return [cfg.device if cfg.device != "auto" else "cpu"] * count
 
 
-def _context():
-    """Where workers come from: the fork server where the platform has one (Linux, macOS),
-    else spawned (Windows). Either way a worker inherits nothing but its arguments."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(list(FORKSERVER_PRELOAD))  # used when the server starts
+def start_method(devices: list[str]) -> str:
+    """How run_workers starts the workers after the first on `devices`. "fork" (Linux) when
+    every worker is a single-threaded CPU worker (the CPU default: one per core): a fork of
+    this process has its imports and data already, and costs no second import on a core the
+    parent needs (on a 2-core machine a fork server's imports slowed the parent's first
+    epoch by 1.5 s). Forked workers never use CUDA, and run one thread each, so they never
+    enter an OpenMP pool the parent may have started (why PyTorch's DataLoader sets one
+    thread in its forked workers). Otherwise (GPUs, or workers with several threads each)
+    "forkserver" where the platform has one, else "spawn" (Windows)."""
+    methods = multiprocessing.get_all_start_methods()
+    if (sys.platform.startswith("linux") and "fork" in methods and len(devices) > 1
+            and all(d == "cpu" for d in devices) and cpu_threads(len(devices)) == 1):
+        return "fork"
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def _context(method: str):
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(list(FORKSERVER_PRELOAD))  # used when it starts
     return context
 
 
-def prestart() -> None:
-    """Start the fork server now, so that it imports the service on another core while this
-    process loads the data and opens the study: the workers run_workers starts later are
-    forked from it in milliseconds (a spawned worker took seconds of imports before its first
-    trial, and its first epoch seconds more). No-op without a fork server, or once started."""
-    if _context().get_start_method() == "forkserver":
+def prestart(devices: list[str]) -> None:
+    """Start the fork server now when run_workers will use it, so that it imports the
+    service on another core while this process loads the data and opens the study: the
+    workers started later are forked from it in milliseconds (a spawned worker took seconds
+    of imports before its first trial, and its first epoch seconds more). No-op otherwise,
+    or once started."""
+    if start_method(devices) == "forkserver":
         from multiprocessing import forkserver
 
+        _context("forkserver")
         forkserver.ensure_running()
 
 
@@ -118,7 +134,9 @@ def _worker(cfg_dict: dict, study_name: str, device: str, index: int, target: in
     # Ctrl-C reaches the whole process group; the parent alone handles it (it stops the
     # workers and fails their trials), so no worker prints a KeyboardInterrupt traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.WARNING, format=f"worker {index}: %(message)s")
+    # force: a forked worker has the parent's handlers
+    logging.basicConfig(level=logging.WARNING, format=f"worker {index}: %(message)s",
+                        force=True)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures: one line, by the parent
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     torch.set_num_threads(threads)
@@ -178,10 +196,13 @@ def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporte
 
     target = budget.budget_used(study) + cfg.n_trials
     threads = cpu_threads(sum(1 for d in devices if d == "cpu"))
-    context = _context()  # not a fork of this process: CUDA cannot be used after fork
-    # handed to each worker (pickled, no second load and no scikit-learn import there);
+    method = start_method(devices)
+    context = _context(method)
+    # handed to each worker (pickled unless forked; no second load, no scikit-learn import);
     # the test split stays here: the search never sees it
     searched = without_test(dataset)
+    if method == "fork":  # imported once, here: every optimizer's first step needs it
+        importlib.import_module("torch._dynamo")
 
     def start(slot: int):
         process = context.Process(target=_worker, name=f"search-worker-{slot}", args=(
@@ -192,9 +213,11 @@ def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporte
 
     log.info("%d workers on %s, until the study holds %d trials", len(devices),
              ", ".join(devices), target)
-    # the monitor's thread starts them: a fork server still importing would hold back this
-    # process's own first trial
     monitor = _Monitor(study, len(devices) - 1, start, target, reporter)
+    if method == "fork":  # at once, from this thread, before any other thread of this run
+        monitor.start_workers()
+    # otherwise the monitor's thread starts them: a fork server still importing would hold
+    # back this process's own first trial
     monitor.start()
     here = devices[0]
     all_threads = torch.get_num_threads()
@@ -229,17 +252,23 @@ class _Monitor(threading.Thread):
         self.stopping = threading.Event()
         self.lock = threading.Lock()  # report_new from the thread and from its owner
 
-    def run(self) -> None:
-        for slot in range(1, self.count + 1):
-            if self.stopping.is_set():
-                return
+    def start_workers(self) -> None:
+        """Start the workers not started yet (slot i at processes[i - 1]; None: it could not
+        start, and the others go on)."""
+        while len(self.processes) < self.count and not self.stopping.is_set():
+            slot = len(self.processes) + 1
             try:
-                self.processes.append(self.start_worker(slot))
+                process = self.start_worker(slot)
             except Exception as exc:  # noqa: BLE001 - e.g. out of processes: this one goes on
                 log.warning("worker %d could not start (%s); the others go on", slot,
                             str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-                continue
-            self.pids.append(self.processes[-1].pid)
+                process = None
+            self.processes.append(process)
+            if process is not None:
+                self.pids.append(process.pid)
+
+    def run(self) -> None:
+        self.start_workers()
         while any(p is not None for p in self.processes) and not self.stopping.is_set():
             try:
                 self._poll()

@@ -156,11 +156,12 @@ def test_workers_come_warm_from_the_fork_server_with_the_parents_environment(mon
 
     from search import workers
 
-    workers.prestart()
-    context = workers._context()
     if "forkserver" not in multiprocessing.get_all_start_methods():
         pytest.skip("no fork server on this platform: workers are spawned")
-    assert context.get_start_method() == "forkserver"
+    gpus = ["cuda:0", "cuda:0"]  # what makes a run use the fork server
+    assert workers.start_method(gpus) == "forkserver"
+    workers.prestart(gpus)
+    context = workers._context("forkserver")
     monkeypatch.setenv("SEARCH_PROBE", "set after the server started")
     queue = context.Queue()
     process = context.Process(target=_report_worker_start, args=(queue, dict(os.environ)))
@@ -171,6 +172,51 @@ def test_workers_come_warm_from_the_fork_server_with_the_parents_environment(mon
     assert preloaded, "torch._dynamo was not imported by the fork server"
     assert probe == "set after the server started"
     assert parent != os.getpid()  # forked by the server, not by this process
+
+
+def test_cpu_workers_are_forks_of_the_parent_and_others_come_from_the_fork_server(
+        monkeypatch):
+    from search import workers
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("workers are forked on Linux only")
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert workers.start_method(["cpu"] * 4) == "fork"  # the default: one thread each
+    assert workers.start_method(["cpu"] * 2) == "forkserver"  # two threads each
+    assert workers.start_method(["cuda:0", "cuda:1"]) == "forkserver"
+    assert workers.start_method(["cpu", "cuda:0"]) == "forkserver"
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_workers_started_either_way_run_trials_of_the_study(tmp_path, monkeypatch, method):
+    """The parent takes its trials only once the other worker, forked or from the fork
+    server, has taken one: each way of starting a worker gives one that runs trials."""
+    import multiprocessing
+    import time
+
+    from search import workers
+    from search.config import RunConfig
+    from search.objective import worker_id
+    from search.run import search
+
+    if method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {method} on this platform")
+    monkeypatch.setattr(workers, "start_method", lambda devices: method)
+    parent, pull = os.getpid(), workers._pull_trials
+
+    def pull_after_the_other(study, *args):  # a forked worker has this too: it pulls at once
+        deadline = time.monotonic() + 180
+        while os.getpid() == parent and not study.trials and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pull(study, *args)
+
+    monkeypatch.setattr(workers, "_pull_trials", pull_after_the_other)
+    study, _, _ = search(RunConfig(study="mlp", data="digits", n_trials=4, epochs=2,
+                                   workers=2, device="cpu", final=False,
+                                   storage=f"sqlite:///{tmp_path / 's.db'}"))
+    by = [t.user_attrs.get("worker") for t in study.trials]
+    assert study.trials[0].user_attrs["worker"] != worker_id(), by
+    assert all(t.state.is_finished() for t in study.trials) and len(by) >= 4, by
 
 
 def test_the_parent_process_is_one_of_the_workers(tmp_path):
