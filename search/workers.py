@@ -1,14 +1,15 @@
 """Several trial workers for one `python -m search.run` (--workers N, or one per GPU).
 
 The first worker is the parent process itself (its data is loaded, its imports are done);
-each other one is a process on its own device, forked from a fork server that imported the
-service while the parent loaded its data (spawned where there is no fork server), handed the
-training and validation splits, that opens the same storage and pulls trials from the same
-study until the run's
-budget (--n-trials more trials than the study had when the run started, counting running
-ones; search.budget) is used up. A thread of the parent logs each finished trial, as a
-single worker does, and replaces a spawned worker that dies (its trial failed and retried
-at once, not after a heartbeat's grace period); the parent runs the final step.
+each other one is a process on its own device (start_method: single-threaded CPU workers
+are forks of the parent; with GPUs or several threads each they come from a fork server
+that imported the service while the parent loaded its data; spawned where neither exists),
+handed the training and validation splits, that opens the same storage and pulls trials
+from the same study until the run's budget (--n-trials more trials than the study had when
+the run started, counting running ones; search.budget) is used up. A thread of the parent
+logs each finished trial, as a single worker does, and replaces a worker that dies (its
+trial failed and retried at once, not after a heartbeat's grace period); the parent runs
+the final step.
 """
 
 from __future__ import annotations
@@ -79,12 +80,12 @@ def plan_devices(cfg: RunConfig) -> list[str]:
 def start_method(devices: list[str]) -> str:
     """How run_workers starts the workers after the first on `devices`. "fork" (Linux) when
     every worker is a single-threaded CPU worker (the CPU default: one per core): a fork of
-    this process has its imports and data already, and costs no second import on a core the
-    parent needs (on a 2-core machine a fork server's imports slowed the parent's first
-    epoch by 1.5 s). Forked workers never use CUDA, and run one thread each, so they never
-    enter an OpenMP pool the parent may have started (why PyTorch's DataLoader sets one
-    thread in its forked workers). Otherwise (GPUs, or workers with several threads each)
-    "forkserver" where the platform has one, else "spawn" (Windows)."""
+    this process has its imports and data already and costs no second import (its first
+    epoch ended with the parent's, 1.7 s before a fork server's worker's, in
+    benchmarks/startup.py on 2 cores). Forked workers never use CUDA, and run one thread
+    each, so they never enter an OpenMP pool the parent may have started (why PyTorch's
+    DataLoader sets one thread in its forked workers). Otherwise (GPUs, or workers with
+    several threads each) "forkserver" where the platform has one, else "spawn" (Windows)."""
     methods = multiprocessing.get_all_start_methods()
     if (sys.platform.startswith("linux") and "fork" in methods and len(devices) > 1
             and all(d == "cpu" for d in devices) and cpu_threads(len(devices)) == 1):
@@ -121,10 +122,12 @@ def adopt(environ: dict[str, str] | None) -> None:
 
 def _worker(cfg_dict: dict, study_name: str, device: str, index: int, target: int,
             threads: int, dataset, environ: dict[str, str] | None = None) -> None:
-    """Entry point of one worker process (nothing is inherited but arguments; the data is
-    one of them, its training and validation splits only; `environ`, the parent's
-    environment when it started this worker, replaces the fork server's, which may be older).
-    Exits 2 with one line on a configuration error. Ctrl-C is the parent's to handle."""
+    """Entry point of one worker process. It uses nothing of the parent's but its arguments
+    (a fork has the parent's memory, but opens its own storage and sets its own logging):
+    the data is one of them, its training and validation splits only; `environ`, the
+    parent's environment when it started this worker, replaces the fork server's, which may
+    be older. Exits 2 with one line on a configuration error. Ctrl-C is the parent's to
+    handle."""
     adopt(environ)
     import storage
     from search import registry
@@ -204,8 +207,12 @@ def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporte
     if method == "fork":  # imported once, here: every optimizer's first step needs it
         importlib.import_module("torch._dynamo")
 
-    def start(slot: int):
-        process = context.Process(target=_worker, name=f"search-worker-{slot}", args=(
+    def start(slot: int, replacement: bool = False):
+        # a replacement is started from the monitor's thread while this one trains: a fork
+        # then could copy a lock another thread holds, so it comes from the fork server
+        how = context if not (replacement and method == "fork") else _context(
+            "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+        process = how.Process(target=_worker, name=f"search-worker-{slot}", args=(
             asdict(cfg), study.study_name, devices[slot], slot, target, threads, searched,
             dict(os.environ)))
         process.start()
@@ -294,7 +301,7 @@ class _Monitor(threading.Thread):
                     if retried else "")
         if budget.budget_used(self.study) < self.target and self.replacements > 0:
             self.replacements -= 1
-            self.processes[index] = self.start_worker(index + 1)
+            self.processes[index] = self.start_worker(index + 1, replacement=True)
             self.pids.append(self.processes[index].pid)
 
     def report_new(self) -> None:

@@ -220,8 +220,8 @@ def test_workers_started_either_way_run_trials_of_the_study(tmp_path, monkeypatc
 
 
 def test_the_parent_process_is_one_of_the_workers(tmp_path):
-    """With --workers 2 this process runs trials itself, single-threaded like each spawned
-    worker, while the other worker starts; it gets its threads back for the final step."""
+    """With --workers 2 this process runs trials itself, single-threaded like each other
+    worker; it gets its threads back for the final step."""
     import torch
 
     from search.config import RunConfig
