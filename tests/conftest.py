@@ -76,7 +76,9 @@ def _no_downloads(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-torch-home"))  # no cached weights
     monkeypatch.delenv("SEARCH_DATA_DIR", raising=False)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "no-keras"))
-    monkeypatch.setenv("SEARCH_CACHE_HOME", str(tmp_path / "cache-home"))
+    # beside the test's folder, not in it: like ~/.cache, it is not the folder a command
+    # runs in (tests/test_bad_input.py holds that folder unchanged by a refused command)
+    monkeypatch.setenv("SEARCH_CACHE_HOME", str(tmp_path.parent / f"{tmp_path.name}-cache"))
     monkeypatch.chdir(tmp_path)
 
 
