@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's service, as the runs below use
 from search.objective import worker_id  # noqa: E402 - after the path above
 
-# the run, with spawned workers when asked (the service's start before the fork server)
+# the run, its workers started the way the arm names (search.workers.start_method)
 RUN = """
 import sys
 from search import workers

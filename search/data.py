@@ -279,11 +279,8 @@ def _cached(key: dict, make: Callable[[], dict[str, np.ndarray]],
     `check` passes; otherwise made again. A cache that cannot be written is skipped: loading
     is only slower."""
     store, name = ArrayStore(cache_home() / "data"), key_name(key)
-    try:
-        arrays = {part: store.read(f"{name}-{part}") for part in key["parts"]}
-    except OSError:
-        arrays = {}
-    if arrays and all(a is not None for a in arrays.values()) and check(arrays):
+    arrays = {part: store.read(f"{name}-{part}") for part in key["parts"]}  # None: not there
+    if all(a is not None for a in arrays.values()) and check(arrays):
         return arrays
     arrays = make()
     try:

@@ -144,7 +144,6 @@ def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, D
     """Open the storage, load the data once, run the trials. Raises ConfigError."""
     spec = registry.get(cfg.study)
     devices = plan_devices(cfg)  # checks --device before anything is opened or loaded
-    prestart(devices)  # a fork server's imports, on another core while the data loads
     # a frozen backbone's weights, found (or refused in one line) before anything is written
     weights = resolve_weights(cfg.weights, cfg.seed) if spec.feature_head else None
     storage.check(cfg.storage)  # a bad URL fails before any data is loaded
@@ -152,6 +151,7 @@ def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, D
                             ("--artifact-dir", cfg.artifact_dir), ("--cache-dir", cfg.cache_dir)):
         if directory is not None:
             check_writable(directory, flag)
+    prestart(devices)  # a fork server's imports, on another core while the data loads
     dataset = data_module.load(cfg.data, cfg.data_dir)
     if cfg.batch_size > len(dataset.train):
         raise ConfigError(f"--batch-size {cfg.batch_size:,} is larger than the training split "

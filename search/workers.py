@@ -90,7 +90,12 @@ def start_method(devices: list[str]) -> str:
     if (sys.platform.startswith("linux") and "fork" in methods and len(devices) > 1
             and all(d == "cpu" for d in devices) and cpu_threads(len(devices)) == 1):
         return "fork"
-    return "forkserver" if "forkserver" in methods else "spawn"
+    return _unforked_method()
+
+
+def _unforked_method() -> str:
+    """A start that copies nothing of this process: the fork server, or spawn (Windows)."""
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 def _context(method: str):
@@ -109,7 +114,7 @@ def prestart(devices: list[str]) -> None:
     if start_method(devices) == "forkserver":
         from multiprocessing import forkserver
 
-        _context("forkserver")
+        _context("forkserver")  # sets what the server imports, before it starts
         forkserver.ensure_running()
 
 
@@ -210,8 +215,7 @@ def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporte
     def start(slot: int, replacement: bool = False):
         # a replacement is started from the monitor's thread while this one trains: a fork
         # then could copy a lock another thread holds, so it comes from the fork server
-        how = context if not (replacement and method == "fork") else _context(
-            "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+        how = _context(_unforked_method()) if replacement and method == "fork" else context
         process = how.Process(target=_worker, name=f"search-worker-{slot}", args=(
             asdict(cfg), study.study_name, devices[slot], slot, target, threads, searched,
             dict(os.environ)))

@@ -143,12 +143,8 @@ def _sklearn_splits(x, y, test_size):
 
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=test_size, stratify=y, random_state=data_module.SPLIT_SEED)
-    y_train = np.asarray(y_train, dtype=np.int64)
-    fraction = 0.1 if len(y_train) >= 20_000 else 0.2
-    x_fit, x_val, y_fit, y_val = train_test_split(
-        x_train, y_train, test_size=fraction, stratify=y_train,
-        random_state=data_module.SPLIT_SEED)
-    return {"train": (x_fit, y_fit), "val": (x_val, y_val), "test": (x_test, y_test)}
+    fit, val = _sklearn_val(x_train, y_train)
+    return {"train": fit, "val": val, "test": (x_test, y_test)}
 
 
 def _assert_splits(ds, expected):
@@ -192,10 +188,13 @@ def test_a_second_load_reads_the_cache_and_gives_scikit_learns_splits(tmp_path):
 
 
 def _sklearn_val(x, y):
+    """The validation split search.data carves from a training set, by scikit-learn."""
     from sklearn.model_selection import train_test_split
 
+    y = np.asarray(y, dtype=np.int64)
+    fraction = 0.1 if len(y) >= 20_000 else 0.2
     x_fit, x_val, y_fit, y_val = train_test_split(
-        x, y.astype(np.int64), test_size=0.2, stratify=y, random_state=data_module.SPLIT_SEED)
+        x, y, test_size=fraction, stratify=y, random_state=data_module.SPLIT_SEED)
     return (x_fit, y_fit), (x_val, y_val)
 
 
