@@ -109,9 +109,9 @@ def prestart(devices: list[str]) -> None:
     """Start the fork server now when run_workers will use it, so that it imports the
     service on another core while this process loads the data and opens the study: the
     workers started later are forked from it in milliseconds (a spawned worker took seconds
-    of imports before its first trial, and its first epoch seconds more). No-op otherwise,
-    or once started."""
-    if start_method(devices) == "forkserver":
+    of imports before its first trial, and its first epoch seconds more). No-op otherwise
+    (one worker: this process runs every trial and starts no other), or once started."""
+    if len(devices) > 1 and start_method(devices) == "forkserver":
         from multiprocessing import forkserver
 
         _context("forkserver")  # sets what the server imports, before it starts
