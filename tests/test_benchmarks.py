@@ -1,0 +1,53 @@
+"""The arithmetic of benchmarks/search_efficiency.py's table: what the README quotes."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "search_efficiency.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("search_efficiency", PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(events, finished):
+    return {"events": [{"t": t, "acc": acc, "trial": 0} for t, acc in events],
+            "finished": [{"t": t, "state": "COMPLETE"} for t in finished], "references": []}
+
+
+def test_summary_counts_only_what_happened_within_the_budget(bench):
+    runs = [
+        # first score at 4 s, the target reached at 9 s, a higher score after the budget
+        _run([(4.0, 0.90), (9.0, 0.951), (12.0, 0.96), (31.0, 0.99)], [5.0, 12.0, 40.0]),
+        _run([(6.0, 0.93), (20.0, 0.949)], [7.0]),  # never reaches the target
+        _run([(5.0, 0.95)], [5.5, 6.0]),  # reaches it with its first score, exactly
+    ]
+    summary = bench._summarize(runs, budget=30.0, target=0.95)
+    assert summary["times"] == [9.0, math.inf, 5.0]
+    assert summary["firsts"] == [4.0, 6.0, 5.0]
+    assert summary["bests"] == [0.96, 0.949, 0.95]
+    assert summary["trials"] == [2, 1, 2]
+    assert (summary["time"], summary["first"], summary["best"]) == (9.0, 5.0, 0.95)
+
+    table = bench._table({"ours": summary}, 30.0, 0.95)
+    assert "| ours | 9.0 s [5.0 s - > 30 s] | 2/3 | 5.0 s | 0.9500 [0.9490 - 0.9600] |" in table
+
+
+def test_ratio_says_by_when_ours_had_to_reach_the_target(bench):
+    ours = {"time": 8.0, "first": 5.0}
+    assert bench._ratio({"time": 64.0}, ours, 300.0) == "8.0x"
+    line = bench._ratio({"time": 64.0}, ours, 300.0, bench.WANTED["naive"])
+    assert line == ("8.0x (20x needs ours by 3.2 s; its first validation score came at "
+                    "5.0 s, median)")
+    assert bench._ratio({"time": math.inf}, ours, 300.0, 3.0).startswith("> 37.5x")
+    assert bench._ratio({"time": 64.0}, {"time": math.inf, "first": 5.0}, 300.0,
+                        3.0).startswith("n/a")
