@@ -27,6 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # one worker per "machine": the CPU default (one per core) would start 2 processes in each of
 # the three machines on CI's 2 cores; a test about workers passes --workers 2 after this
 TINY = ["--study", "mlp", "--data", "digits", "--device", "cpu", "--workers", "1"]
+# trials that run seconds each, whatever is drawn (60 epochs of digits took 1.7 s, and
+# successive halving pruned most trials after one: a run could end before the test acted)
+LONG_TRIALS = ["--epochs", "100", "--pruner", "none"]
 
 
 def _start(args, cwd, **kwargs):
@@ -59,7 +62,7 @@ def test_machines_share_one_budget_draw_apart_and_finalize_once(postgres_url, st
 
 
 def test_a_killed_worker_is_failed_retried_and_replaced(tmp_path):
-    run = _start([*TINY, "--n-trials", "5", "--epochs", "60", "--workers", "2", "--no-final"],
+    run = _start([*TINY, "--n-trials", "5", *LONG_TRIALS, "--workers", "2", "--no-final"],
                  cwd=tmp_path, start_new_session=True)
     storage_url = f"sqlite:///{tmp_path / 'studies.db'}"
     victim = None
@@ -92,7 +95,7 @@ def test_a_killed_worker_is_failed_retried_and_replaced(tmp_path):
 
 
 def test_ctrl_c_stops_every_worker_in_one_line_and_the_next_run_resumes(tmp_path):
-    run = _start([*TINY, "--n-trials", "6", "--epochs", "60", "--workers", "2", "--no-final"],
+    run = _start([*TINY, "--n-trials", "6", *LONG_TRIALS, "--workers", "2", "--no-final"],
                  cwd=tmp_path, start_new_session=True)
     storage_url = f"sqlite:///{tmp_path / 'studies.db'}"
     deadline = time.monotonic() + 300
@@ -104,6 +107,8 @@ def test_ctrl_c_stops_every_worker_in_one_line_and_the_next_run_resumes(tmp_path
                 break
         except Exception:
             continue
+    else:
+        pytest.fail("two trials never ran at once")
     os.killpg(run.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C: the whole group
     _, err = run.communicate(timeout=120)
     assert run.returncode == 130, err
