@@ -23,13 +23,14 @@ cache of search.data filled beforehand for every arm alike); the time
 of a validation score is when its epoch ended. Per arm: the median and range over seeds of
 the time to the first epoch at or above the target validation accuracy, the median time of
 the first validation score (the first epoch's end: no time to target is shorter), the best
-validation accuracy within the budget, and the trials finished within it. The target defaults to the
-best validation accuracy of the reference configs (spaces/mlp.py, each trained once after
-the runs, through the service's trainer for the service's epochs) plus 0.25 points, so
-reaching it means the search found something the references did not. The last lines are
-the other arms' median time-to-target divided by ours ("> x" when that arm missed the target
-in most seeds: its time is then at least the budget); for the naive and expert scripts also
-the time ours had to reach the target by for issue 9's 20x and 3x, beside its first score.
+validation accuracy within the budget, and the trials finished within it. The target
+defaults to the best validation accuracy of the reference configs (spaces/mlp.py, each
+trained once after the runs, through the service's trainer for the service's epochs) plus
+0.25 points, so reaching it means the search found something the references did not. The
+last lines are the other arms' median time-to-target divided by ours ("> x" when that arm
+missed the target in most seeds: its time is then at least the budget); for the naive and
+expert scripts also the time ours had to reach the target by for issue 9's 20x and 3x,
+beside its first score.
 
 Not a test: the machine is shared and timings are noisy. Takes about
 len(arms) * seeds * (budget + 15 s); the defaults about 20 minutes on a 2-core CPU.
