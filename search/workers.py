@@ -209,8 +209,6 @@ def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporte
     # handed to each worker (pickled unless forked; no second load, no scikit-learn import);
     # the test split stays here: the search never sees it
     searched = without_test(dataset)
-    if method == "fork":  # imported once, here: every optimizer's first step needs it
-        importlib.import_module("torch._dynamo")
 
     def start(slot: int, replacement: bool = False):
         # a replacement is started from the monitor's thread while this one trains: a fork
@@ -226,6 +224,8 @@ def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporte
              ", ".join(devices), target)
     monitor = _Monitor(study, len(devices) - 1, start, target, reporter)
     if method == "fork":  # at once, from this thread, before any other thread of this run
+        # imported once, before the forks: every optimizer's first step needs it
+        importlib.import_module("torch._dynamo")
         monitor.start_workers()
     # otherwise the monitor's thread starts them: a fork server still importing would hold
     # back this process's own first trial

@@ -203,6 +203,7 @@ def test_a_fork_server_is_started_only_for_workers_it_will_fork(monkeypatch):
         assert started == wanted, devices
         started.clear()
 
+
 @pytest.mark.parametrize("method", ["fork", "forkserver"])
 def test_workers_started_either_way_run_trials_of_the_study(tmp_path, monkeypatch, method):
     """The parent takes its trials only once the other worker, forked or from the fork
