@@ -38,10 +38,9 @@ from pathlib import Path
 
 import optuna
 import torch
-from optuna.samplers._tpe import _truncnorm
 
 import storage
-from search import budget, registry
+from search import budget, registry, tpe_speedups
 from search import data as data_module
 from search.config import RunConfig
 from search.objective import Objective, TrialRecorder
@@ -83,28 +82,14 @@ def _time_trial() -> float:
         return seconds[-1]
 
 
-# Optuna's own log Phi, kept before make_sampler replaces it (search.study._vectorize_tpe)
-OPTUNA_LOG_NDTR = _truncnorm._log_ndtr
 PLAIN = "optuna-tpe"  # --samplers name: the same TPE and pruner as Optuna ships them
-
-
-@contextlib.contextmanager
-def _as_optuna_ships(plain: bool):
-    """For PLAIN: Optuna's TPE as it ships (its own log Phi, the study re-read for each
-    parameter) and the pruner asked at every epoch, to set the service's changes against."""
-    saved = _truncnorm._log_ndtr
-    if plain:
-        _truncnorm._log_ndtr = OPTUNA_LOG_NDTR
-    try:
-        yield
-    finally:
-        _truncnorm._log_ndtr = saved
 
 
 def _run(url: str, n: int, sampler: str, pruner: str) -> tuple[float, float]:
     """(sampler + storage + pruner, budget + reporting) seconds per trial over the last
     tenth of a study of `n` trials."""
-    with _as_optuna_ships(sampler == PLAIN):
+    # PLAIN: Optuna's TPE as it ships (none of search.tpe_speedups' changes)
+    with tpe_speedups.as_shipped() if sampler == PLAIN else contextlib.nullcontext():
         return _run_study(url, n, sampler, pruner)
 
 
@@ -114,7 +99,7 @@ def _run_study(url: str, n: int, sampler: str, pruner: str) -> tuple[float, floa
     if sampler == PLAIN:
         # the same engine and heartbeats, Optuna's own reads (storage.reads: its subclass)
         opened.__class__ = optuna.storages.RDBStorage
-        # built here, not by make_sampler, which would switch log Phi to scipy's again
+        # built here, not by make_sampler: no per-trial seeding or view of the study
         chosen = optuna.samplers.TPESampler(seed=0, n_startup_trials=TPE_STARTUP_TRIALS,
                                             constant_liar=True)
         pruned = make_pruner(pruner, EPOCHS)

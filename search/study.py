@@ -13,12 +13,11 @@ import logging
 import time
 import warnings
 
-import numpy as np
 import optuna
 
 import storage as storage_module
 from search import data as data_module
-from search import registry
+from search import registry, tpe_speedups
 from search.config import PRUNERS, SAMPLERS, RunConfig, trial_seed, versions
 from search.data import Dataset
 from search.errors import ConfigError
@@ -37,7 +36,7 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name in ("tpe", "tpe-multivariate"):
-            _vectorize_tpe()
+            tpe_speedups.install()  # each only where it proves equal to Optuna's own
             # constant_liar: parallel workers do not all propose the same point.
             # multivariate + group models the widths jointly, per number of layers; it costs
             # more per trial as the study grows (benchmarks/trial_overhead.py)
@@ -53,125 +52,6 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     raise ConfigError(f"unknown sampler {name!r}; choose {', '.join(SAMPLERS)}")
 
 
-def _vectorize_tpe() -> None:
-    """Let Optuna's TPE compute log Phi (the normal's log CDF) with scipy's vectorized
-    `log_ndtr` instead of its own, which calls a Python function once per array element
-    (np.frompyfunc; optuna/optuna#5478). Each integer parameter (the mlp widths) scores 24
-    candidates against every earlier trial, so that loop grew with the study: at 600 trials it
-    was 36% of the service's cost per trial (benchmarks/trial_overhead.py). Same values to a
-    relative 1e-15, about 40x faster, the same draws to a float's last bits
-    (tests/test_study.py). Left as Optuna's when a later Optuna no longer has that function."""
-    try:
-        from optuna.samplers._tpe import _truncnorm
-        from scipy.special import log_ndtr
-    except ImportError:  # pragma: no cover - scipy comes with scikit-learn
-        return
-    if callable(getattr(_truncnorm, "_log_ndtr", None)):
-        _truncnorm._log_ndtr = log_ndtr
-    _split_once()
-
-
-def _split_once() -> None:
-    """Let Optuna's TPE split the study's trials into its good and bad groups once per trial
-    instead of once per parameter, and read their params from columns kept across trials.
-    Univariate TPE sorts every earlier trial for each of the ~10 mlp parameters (for pruned
-    trials, by their last report), the same split each time within one trial as it sees the
-    study through _TrialsOnce; at 1,000 trials that was about 5 ms per parameter. Then, for
-    each parameter and group, it asks every trial for that param and converts it
-    (_get_internal_repr): a Python loop over the study per parameter, the largest item of
-    the service's own cost per trial at 1,000 trials (cProfile of
-    benchmarks/trial_overhead.py). A finished trial's params never change, so
-    _ParamColumns keeps them converted, by trial number. A study seen otherwise is handled
-    as Optuna does. Left as Optuna's when a later Optuna no longer has those functions."""
-    from optuna.samplers._tpe import sampler as tpe
-
-    split = getattr(tpe, "_split_trials", None)
-    internal_repr = getattr(tpe.TPESampler, "_get_internal_repr", None)
-    if (not callable(split) or not callable(internal_repr)
-            or getattr(split, "memoized", False)):
-        return
-
-    def split_trials(study, trials, n_below):
-        memo = getattr(study, "split_memo", None)
-        if memo is None:
-            return split(study, trials, n_below)
-        # the same trial objects (the view's): their ids stay theirs, as the split held
-        # here holds every one of them
-        key = (n_below, tuple(map(id, trials)))
-        if key not in memo:
-            memo[key] = split(study, trials, n_below)
-        return memo[key]  # the same lists each time: TPE only reads them
-
-    def get_internal_repr(self, trials, search_space, study):
-        columns = getattr(study, "param_columns", None)
-        if columns is None:
-            return internal_repr(self, trials, search_space, study)
-        return columns.internal_repr(self, trials, search_space, study, study.param_groups)
-
-    split_trials.memoized = True
-    tpe._split_trials = split_trials
-    tpe.TPESampler._get_internal_repr = get_internal_repr
-
-
-class _ParamColumns:
-    """What TPE's _get_internal_repr returns, from columns: for each (param, distribution)
-    the finished trials' values as TPE converts them, indexed by trial number, each
-    converted once for the life of the sampler. A running trial (TPE's constant liar counts
-    them) may still suggest more, so its params are read as Optuna reads them, each time.
-    Same arrays, in the same order, as Optuna's loop (tests/test_study.py). One trial
-    suggests at a time (the service's workers are processes, not threads of one sampler)."""
-
-    def __init__(self) -> None:
-        # (name, distribution) -> [value, has the param, looked at] arrays by trial number
-        self._columns: dict[tuple, list[np.ndarray]] = {}
-
-    @staticmethod
-    def _group(trials: list, groups: dict) -> tuple:
-        """`trials` with their numbers and which are finished, kept in `groups` (one
-        trial's: by id, which each list keeps while held there)."""
-        held = groups.get(id(trials))
-        if held is None:
-            numbers = np.fromiter((t.number for t in trials), dtype=np.int64, count=len(trials))
-            finished = np.fromiter((t.state.is_finished() for t in trials), dtype=bool,
-                                   count=len(trials))
-            held = groups[id(trials)] = (trials, numbers, finished)
-        return held
-
-    def _column(self, name: str, distribution, size: int) -> list[np.ndarray]:
-        column = self._columns.get((name, distribution))
-        if column is None:
-            column = self._columns[name, distribution] = [
-                np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0, dtype=bool)]
-        if len(column[0]) < size:
-            grown = max(size, 2 * len(column[0]))
-            for i, array in enumerate(column):
-                column[i] = np.concatenate([array, np.zeros(grown - len(array), array.dtype)])
-        return column
-
-    def internal_repr(self, sampler, trials, search_space, study,
-                      groups: dict) -> dict[str, np.ndarray]:
-        trials, numbers, finished = self._group(trials, groups)
-        size = int(numbers.max()) + 1 if len(numbers) else 0
-        keep = finished.copy()  # which trials have every param; running ones decided below
-        values = {}
-        for name, distribution in search_space.items():
-            value, has, looked = self._column(name, distribution, size)
-            for position in np.flatnonzero(finished & ~looked[numbers]):
-                number, params = numbers[position], trials[position].params
-                if name in params:  # may raise, as Optuna's loop: then asked again next time
-                    value[number], has[number] = distribution.to_internal_repr(params[name]), 1
-                looked[number] = True
-            keep &= has[numbers]
-            values[name] = value[numbers]
-        for position in np.flatnonzero(~finished):
-            params = sampler._get_params(trials[position], study)
-            if search_space.keys() <= params.keys():
-                keep[position] = True
-                for name, distribution in search_space.items():
-                    values[name][position] = distribution.to_internal_repr(params[name])
-        return {name: column[keep] for name, column in values.items()}
-
-
 class TrialSeeded(optuna.samplers.BaseSampler):
     """`inner`, its random state set from (study seed, trial number) before every trial, and
     the study's trials read once per trial.
@@ -184,20 +64,23 @@ class TrialSeeded(optuna.samplers.BaseSampler):
     TPE with constant_liar (parallel workers) reads every trial of the study again for each
     parameter it suggests, since other workers' trials may start meanwhile: ten reads per mlp
     trial, about 7 ms each on PostgreSQL (benchmarks/trial_overhead.py). The inner sampler
-    sees the study through _TrialsOnce instead: the trials as they were at the trial's first
-    suggestion, running ones included, for all of its parameters.
+    sees the study through search.tpe_speedups.TrialsOnce instead (where that change
+    applies): the trials as they were at the trial's first suggestion, running ones
+    included, for all of its parameters.
     """
 
     def __init__(self, inner: optuna.samplers.BaseSampler, seed: int) -> None:
         self.inner, self.seed = inner, seed
-        self._views: dict[int, _TrialsOnce] = {}  # by trial number, while it suggests
-        self._columns: dict[int, _ParamColumns] = {}  # by study id
+        self._views: dict[int, tpe_speedups.TrialsOnce] = {}  # by trial, while it suggests
+        self._columns: dict[int, tpe_speedups.ParamColumns] = {}  # by study id
 
-    def _view(self, study, trial) -> _TrialsOnce:
+    def _view(self, study, trial):
+        if not tpe_speedups.applied("trials_once"):
+            return study
         view = self._views.get(trial.number)
         if view is None:
-            columns = self._columns.setdefault(study._study_id, _ParamColumns())
-            view = self._views[trial.number] = _TrialsOnce(study, columns)
+            columns = self._columns.setdefault(study._study_id, tpe_speedups.ParamColumns())
+            view = self._views[trial.number] = tpe_speedups.TrialsOnce(study, columns)
         return view
 
     def before_trial(self, study, trial) -> None:
@@ -224,38 +107,6 @@ class TrialSeeded(optuna.samplers.BaseSampler):
 
     def reseed_rng(self) -> None:
         self.inner.reseed_rng()
-
-
-class _TrialsOnce:
-    """A study whose trials are read from the storage once, at the first call that asks for
-    them; everything else is the study's own."""
-
-    def __init__(self, study: optuna.Study, columns: _ParamColumns | None = None) -> None:
-        self._study = study
-        self._trials: list[optuna.trial.FrozenTrial] | None = None
-        self._by_states: dict[tuple, list[optuna.trial.FrozenTrial]] = {}
-        self.split_memo: dict = {}  # TPE's good/bad split of those trials (_split_once)
-        self.param_columns = columns  # and their params (kept across trials)
-        self.param_groups: dict = {}  # the groups' numbers, for param_columns
-
-    def __getattr__(self, name: str):
-        return getattr(self._study, name)
-
-    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False):
-        if self._trials is None:
-            self._trials = self._study._get_trials(deepcopy=False, states=None,
-                                                   use_cache=False)
-        if states is None:
-            trials = self._trials
-        else:  # asked again for each parameter: filtered once
-            key = tuple(states)
-            trials = self._by_states.get(key)
-            if trials is None:
-                trials = self._by_states[key] = [t for t in self._trials if t.state in states]
-        return copy.deepcopy(trials) if deepcopy else list(trials)
-
-    def get_trials(self, deepcopy: bool = True, states=None):
-        return self._get_trials(deepcopy, states)
 
 
 REDUCTION_FACTOR = 3  # successive halving and Hyperband keep the best third at each rung
