@@ -174,8 +174,12 @@ def new_york():
 
 
 def _shown(trials) -> list[str]:
-    """Each trial as every field it holds, in order (repr: nan equals nan here)."""
-    return [repr(vars(t)) for t in trials]
+    """Each trial as every field it holds, in order, a dict's items in key order (the
+    database returns attributes in any order; Optuna 4.9's ORM and 5.0's differ there)
+    (repr: nan equals nan here)."""
+    return [repr({field: sorted(value.items(), key=lambda item: str(item[0]))
+                  if isinstance(value, dict) else value for field, value in vars(t).items()})
+            for t in trials]
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask() outside optimize
