@@ -1,4 +1,4 @@
-"""Several machines on one study, killed workers, Ctrl-C, and resuming with other settings.
+"""Several machines on one study, killed workers, Ctrl-C, resuming with other settings.
 
 "Machines" are real `python -m search.run` processes sharing one PostgreSQL study (the
 README's recipe); "workers" are the processes of one `--workers 2` run.
@@ -157,58 +157,9 @@ def test_the_budget_counts_a_retried_trial_once():
     assert budget.over_budget(study, study.ask().number)  # one more would not
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_replay_retrains_a_trial_to_its_stored_value(tmp_path, capsys, workers):
-    from search import replay as replay_module
-
-    url = f"sqlite:///{tmp_path / 'studies.db'}"
-    cfg = RunConfig(study="mlp", data="digits", n_trials=6, epochs=3, storage=url,
-                    final=False, pruner="median", workers=workers)
-    study, _, _ = search(cfg)
-    # workers sharing the cores ran single-threaded; replay uses each trial's own count
-    assert {t.user_attrs["threads"] for t in study.trials if "threads" in t.user_attrs} == (
-        {torch.get_num_threads()} if workers == 1 else {max(1, (os.cpu_count() or 1) // 2)})
-    for trial in study.trials:
-        if trial.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
-            stored, value, _ = replay_module.replay(study, trial.number)
-            assert value == stored, trial.number
-    capsys.readouterr()
-    assert replay_module.main(["--storage", url, "--study-name", "mlp-digits",
-                               "--trial", "3"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("trial 3 (") and out.strip().endswith(": equal")
-    assert replay_module.main(["--storage", url, "--study-name", "mlp-digits",
-                               "--trial", "99"]) == 2
-    assert "has no trial 99" in capsys.readouterr().err
-
-
-def test_replay_trains_with_the_speed_settings_its_trial_recorded(tmp_path, monkeypatch):
-    """A trial from before fused optimizers and bf16 MLPs (its `speed` reads "float32")
-    replays with those settings, not with what Speed.of picks today."""
-    from search import objective
-    from search import replay as replay_module
-    from search.models import MLP
-    from search.train import Speed
-
-    url = f"sqlite:///{tmp_path / 'studies.db'}"
-    cfg = RunConfig(study="mlp", data="digits", n_trials=3, epochs=3, storage=url,
-                    final=False, pruner="none", workers=1)
-    with monkeypatch.context() as patched:  # the trials train as the older release did
-        patched.setattr(objective.Speed, "of", classmethod(lambda cls, model, device: Speed()))
-        study, _, _ = search(cfg)
-    assert Speed.of(MLP(4, (2,), 2), torch.device("cpu")) != Speed()  # today's differ
-    trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert trials and {t.user_attrs["speed"] for t in trials} == {"float32"}
-    for trial in trials:
-        stored, value, _ = replay_module.replay(study, trial.number)
-        assert value == stored, trial.number
-
-
 def test_an_out_of_memory_trial_is_one_log_line_and_the_run_goes_on(tmp_path, monkeypatch,
                                                                    capsys):
     import dataclasses
-
-    import torch
 
     from search import registry
     from search.run import main
