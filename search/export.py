@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import nn
 
 from search import registry
 from search.cache import sha256_of
+from search.config import MAX_INPUT_SIZE
 from search.errors import ConfigError
 from search.models.common import read_state_dict
 
@@ -36,6 +38,7 @@ REQUIRED = ("format", "study", "params", "input", "classes", "sha256")
 ONNX_ATOL = 1e-4
 MAX_SIDE = 4096  # pixels per side of a model's input
 MAX_CLASSES = 100_000
+MIN_INPUT_SIZE = 32  # vgg16's input_size option (VGG16 halves it five times)
 
 
 class ModelFileError(ConfigError):
@@ -83,15 +86,88 @@ def _read_info(meta: Path) -> dict:
                              f"height, width] of at most {MAX_SIDE} pixels")
     if not (isinstance(info["classes"], list) and 2 <= len(info["classes"]) <= MAX_CLASSES):
         raise ModelFileError(f"{meta}: classes must be a list of 2 to {MAX_CLASSES} names")
+    options = info.get("options", {})
+    size = options.get("input_size", MIN_INPUT_SIZE) if isinstance(options, dict) else None
+    if not (isinstance(options, dict) and set(options) <= {"input_size"} and type(size) is int
+            and MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE):
+        raise ModelFileError(f"{meta}: options {str(options)[:60]} are not an input_size from "
+                             f"{MIN_INPUT_SIZE} to {MAX_INPUT_SIZE}")
+    if not isinstance(info["params"], dict):
+        raise ModelFileError(f"{meta}: params must be a JSON object")
     return info
+
+
+class _WithinSpace(optuna.trial.FixedTrial):
+    """The stored params, each checked against the distribution its space suggests it from
+    (FixedTrial only warns about a value outside it, e.g. a width of 2e9). Raises
+    ValueError on a missing param or one outside its distribution."""
+
+    def __init__(self, params: dict) -> None:
+        super().__init__(params)
+        self._given = dict(params)
+
+    def _given_value(self, name: str):
+        if name not in self._given:
+            raise ValueError(f"param {name!r} is missing")
+        return self._given[name]
+
+    def suggest_float(self, name, low, high, *, step=None, log=False):
+        value = self._given_value(name)
+        if type(value) not in (int, float) or not (low <= value <= high):
+            raise ValueError(f"param {name}={repr(value)[:40]} is not a number from {low} to "
+                             f"{high}")
+        return super().suggest_float(name, low, high, step=step, log=log)
+
+    def suggest_int(self, name, low, high, *, step=1, log=False):
+        value = self._given_value(name)
+        if type(value) is not int or not (low <= value <= high):
+            raise ValueError(f"param {name}={repr(value)[:40]} is not an integer from {low} to "
+                             f"{high}")
+        return super().suggest_int(name, low, high, step=step, log=log)
+
+    def suggest_categorical(self, name, choices):
+        value = self._given_value(name)
+        if not any(type(value) is type(c) and value == c for c in choices):
+            raise ValueError(f"param {name}={repr(value)[:40]} is not one of {list(choices)}")
+        return super().suggest_categorical(name, choices)
+
+
+def _fits_file(spec: registry.StudySpec, params, info: dict, state: dict, weights: Path,
+               meta: Path) -> None:
+    """Raises ModelFileError unless the model that `info` describes has exactly the tensors
+    (names and shapes) of `state`, which model.pt holds: checked on the meta device, where
+    building allocates nothing, so params describing a model of any size cost no memory,
+    and the real model is no larger than the file."""
+    with torch.device("meta"):
+        skeleton = spec.build(params, tuple(info["input"]["shape"]), len(info["classes"]),
+                              info["input"]["mean"], info["input"]["std"],
+                              **info.get("options", {})).model
+    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    held = {name: tuple(t.shape) for name, t in state.items()}
+    if expected == held:
+        return
+    described = sum(math.prod(shape) for shape in expected.values())
+    stored = sum(math.prod(shape) for shape in held.values())
+    wrong = [f"{name} {list(held[name])} (expects {list(shape)})"
+             for name, shape in expected.items() if name in held and held[name] != shape]
+    missing = [name for name in expected if name not in held]
+    extra = [name for name in held if name not in expected]
+    detail = "; ".join(part for part in (
+        f"missing {', '.join(missing[:3])}" if missing else "",
+        f"unexpected {', '.join(extra[:3])}" if extra else "",
+        f"shapes {', '.join(wrong[:3])}" if wrong else "") if part)
+    raise ModelFileError(
+        f"{weights} does not fit the architecture in {meta.name}: it describes "
+        f"{described:,} numbers, model.pt holds {stored:,} ({detail[:300]})")
 
 
 def load_model(path: str | Path, map_location: str = "cpu") -> LoadedModel:
     """Rebuild the model saved at `path` (model.pt, with model.json beside it) in eval mode.
 
     Raises ModelFileError naming the file when either file is missing or corrupted, the
-    sha256 differs, model.pt holds anything but tensors, or the weights do not fit the
-    architecture that model.json describes.
+    sha256 differs, model.pt holds anything but tensors, a param lies outside its study's
+    space, the weights do not fit the architecture that model.json describes (checked
+    before that architecture is allocated), or the model does not fit in memory.
     """
     weights = Path(path)
     if not weights.is_file():
@@ -108,16 +184,24 @@ def load_model(path: str | Path, map_location: str = "cpu") -> LoadedModel:
         state = read_state_dict(weights, map_location)
     except ValueError as exc:
         raise ModelFileError(f"{weights}: {exc}") from None
-    spec = registry.get(info["study"])
     try:
-        params = spec.suggest(optuna.trial.FixedTrial(info["params"]))
-        built = spec.build(params, tuple(info["input"]["shape"]), len(info["classes"]),
-                           info["input"]["mean"], info["input"]["std"],
-                           **info.get("options", {}))
+        spec = registry.get(str(info["study"]))
+    except ConfigError as exc:
+        raise ModelFileError(f"{meta}: {exc}") from None
+    try:
+        params = spec.suggest(_WithinSpace(info["params"]))
+        _fits_file(spec, params, info, state, weights, meta)
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelFileError(f"{meta}: params do not describe a {spec.name} model "
-                             f"({type(exc).__name__}: {exc})") from None
-    model = built.model
+                             f"({type(exc).__name__}: {str(exc)[:300]})") from None
+    try:  # as large as model.pt's tensors (checked above); the machine may still lack it
+        model = spec.build(params, tuple(info["input"]["shape"]), len(info["classes"]),
+                           info["input"]["mean"], info["input"]["std"],
+                           **info.get("options", {})).model
+    except (RuntimeError, MemoryError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"{weights}: the model does not fit in this machine's memory "
+                             f"({first[:200]})") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -219,3 +219,78 @@ def test_model_pt_and_weights_readers(saved, tmp_path, content):
         load_model(tmp_path / "model.pt")
     with pytest.raises(WeightsError):
         resolve_weights(str(tmp_path / "model.pt"))
+
+
+# what a forged model.json asks for: each refused before torch allocates it
+FORGERIES = {
+    "131 GB input": {"input": {"shape": [3, 4096, 4096]}},
+    "8.6 GB input, allocatable": {"input": {"shape": [1, 2048, 2048]}},
+    "width 2e9": {"params": {"n_units_l0": 2_000_000_000}},
+    "width within the space, not the file": {"params": {"n_units_l0": 1024}},
+    "a width as text": {"params": {"n_units_l1": "256"}},
+    "a pair outside the space": {"params": {"pair": "relu_everything"}},
+    "a param missing": {"params": {"n_units_l1": None}},
+    "vgg16 input size": {"options": {"input_size": 10**6}},
+}
+# a child that reads each forged pair, then says its own peak resident memory, which torch's
+# allocations count towards (tracemalloc sees only Python's)
+_READ_FORGERIES = """
+import json, resource, sys
+from search.export import ModelFileError, load_model
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+said = {}
+for path in sys.argv[1:]:
+    try:
+        load_model(path)
+        said[path] = None
+    except ModelFileError as exc:
+        said[path] = str(exc)
+print(json.dumps({"said": said, "grew_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                  - base}))
+"""
+
+
+def test_forged_model_json_is_refused_before_anything_is_allocated(saved, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    info = json.loads((saved / "model.json").read_text())
+    paths = {}
+    for name, forged in FORGERIES.items():
+        folder = tmp_path / name.replace(" ", "-").replace(",", "")
+        folder.mkdir()
+        shutil.copy(saved / "model.pt", folder / "model.pt")
+        changed = {**info}
+        for key, values in forged.items():
+            changed[key] = {k: v for k, v in {**info.get(key, {}), **values}.items()
+                            if v is not None}
+        (folder / "model.json").write_text(json.dumps(changed))
+        paths[name] = str(folder / "model.pt")
+    root = Path(__file__).resolve().parents[1]
+    child = subprocess.run([sys.executable, "-c", _READ_FORGERIES, *paths.values()],
+                           capture_output=True, text=True, cwd=root, timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    result = json.loads(child.stdout.splitlines()[-1])
+    said = result["said"]
+    for name, path in paths.items():
+        assert said[path] is not None, f"{name}: loaded"
+        assert "\n" not in said[path] and path.rsplit("/", 2)[1] in said[path], said[path]
+    assert "it describes 25,769,938,188 numbers" in said[paths["131 GB input"]]
+    assert "not an integer from 32 to 1024" in said[paths["width 2e9"]]
+    assert "is not one of" in said[paths["a pair outside the space"]]
+    assert "'n_units_l1' is missing" in said[paths["a param missing"]]
+    # the pair the forgeries were made from is a 1x8x8 lecture MLP: a few hundred KB
+    assert result["grew_kb"] < 64 * 1024, f"peak memory grew by {result['grew_kb']:,} KB"
+
+
+def test_evaluate_refuses_a_forged_model_in_one_line(saved, tmp_path, capsys):
+    from search.evaluate import main
+
+    shutil.copy(saved / "model.pt", tmp_path / "model.pt")
+    info = json.loads((saved / "model.json").read_text())
+    info["input"]["shape"] = [3, 4096, 4096]
+    (tmp_path / "model.json").write_text(json.dumps(info))
+    assert main([str(tmp_path / "model.pt")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "does not fit the architecture" in err
