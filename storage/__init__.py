@@ -10,7 +10,6 @@ with plain SELECTs (storage.reads); a running trial's writes are grouped (storag
 from __future__ import annotations
 
 import functools
-import re
 import sqlite3
 import time
 import warnings
@@ -46,20 +45,36 @@ def parse(url: str) -> URL:
         parsed.get_dialect()
     except Exception:
         raise StorageError(
-            f"storage URL {url!r}: unknown database kind {parsed.drivername!r}; "
+            f"storage URL {shown(url)!r}: unknown database kind {parsed.drivername!r}; "
             f"expected {_EXAMPLES}"
         ) from None
     return parsed
 
 
 def shown(url: str) -> str:
-    """`url` with its password replaced by ***, for logs, reports and study attributes;
-    a URL that does not parse is returned as it is (it has no password to hide)."""
+    """`url` with its password replaced by ***, for logs, reports, study attributes and
+    error messages. In a URL that does not parse, whatever follows "user:" up to the last
+    "@" is hidden, and with no "@", whatever follows "name:" up to the path unless it is a
+    port number: "postgresql://user:hunter2/db" (the host forgotten) is shown as
+    "postgresql://user:***/db"."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
+        parsed.port  # noqa: B018 (a port that is not a number raises here)
+        return parsed.render_as_string(hide_password=True)
     except (ArgumentError, ValueError):
-        # not a URL SQLAlchemy reads: hide whatever sits between "user:" and "@"
-        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+        pass
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    if "@" in rest:
+        credentials, _, host = rest.rpartition("@")
+        user, colon, _ = credentials.partition(":")
+        return f"{scheme}://{user}:***@{host}" if colon else url
+    netloc, slash, path = rest.partition("/")
+    name, colon, after = netloc.partition(":")
+    if not colon or after.isdigit():
+        return url
+    return f"{scheme}://{name}:***{slash}{path}"
 
 
 def check(url: str) -> None:
@@ -69,8 +84,8 @@ def check(url: str) -> None:
     that a run stopped by bad data or flags leaves no new database file behind."""
     parsed = parse(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
-        raise StorageError(f"storage URL {url!r} is an in-memory database: no trial would be "
-                           "kept and workers could not share it; give a file, e.g. "
+        raise StorageError(f"storage URL {shown(url)!r} is an in-memory database: no trial "
+                           "would be kept and workers could not share it; give a file, e.g. "
                            "sqlite:///studies.db")
     path = sqlite_path(url)
     if path is None:
