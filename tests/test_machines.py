@@ -95,8 +95,9 @@ def test_a_killed_worker_is_failed_retried_and_replaced(tmp_path):
 
 
 def test_ctrl_c_stops_every_worker_in_one_line_and_the_next_run_resumes(tmp_path):
-    run = _start([*TINY, "--n-trials", "6", *LONG_TRIALS, "--workers", "2", "--no-final"],
-                 cwd=tmp_path, start_new_session=True)
+    # a budget no machine finishes before the signal: the run must end by the Ctrl-C alone
+    run = _start([*TINY, "--n-trials", "10000", *LONG_TRIALS, "--workers", "2",
+                  "--no-final"], cwd=tmp_path, start_new_session=True)
     storage_url = f"sqlite:///{tmp_path / 'studies.db'}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
