@@ -16,7 +16,9 @@ images a trial saw follow from its seed; a copy's pixels follow from its key alo
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -36,7 +38,6 @@ FAMILIES = ("contrast", "blur", "affine", "dropout", "distort")
 # Strength is searched on these levels, so trials share augmented copies (see module doc).
 LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
 COPIES = 4  # distinct augmented copies of the training split per (strength, families)
-PIPELINE_VERSION = "augment-v1"  # part of every cache key: bump when pipeline() changes
 CHUNK = 4096  # images per seeded chunk; fixes the result whatever the number of processes
 MEMORY_COPIES = 12  # copies kept in memory per process (mnist: 54k images = 42 MB each)
 
@@ -137,13 +138,26 @@ def _augment_chunk(images: np.ndarray, spec: AugmentSpec, seed: int) -> np.ndarr
 
 
 def data_key(images: torch.Tensor, dataset: str) -> dict:
-    """What a copy depends on besides the spec: the exact pixels of the training split (its
-    sha256 covers the data set, the split and the files it came from) and the library."""
+    """What a copy depends on besides the spec's pipeline (pipeline_digest): the exact pixels
+    of the training split (its sha256 covers the data set, the split and the files it came
+    from), the library, and how the split is cut into separately seeded chunks."""
     import albumentations
 
     return {"dataset": dataset, "n_train": int(images.shape[0]),
             "train_sha256": pixels_sha256(images),
-            "albumentations": albumentations.__version__, "pipeline": PIPELINE_VERSION}
+            "albumentations": albumentations.__version__, "chunk": CHUNK}
+
+
+@functools.lru_cache(maxsize=256)
+def pipeline_digest(spec: AugmentSpec, size: int) -> str:
+    """sha256 of albumentations' own serialization of the pipeline `spec` makes for images
+    of `size` px (every transform, its ranges and probability; the seed is not in it): a
+    change to pipeline() changes the cache key by itself."""
+    import albumentations
+
+    described = albumentations.to_dict(pipeline(spec, 0, size))
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()
+                          ).hexdigest()
 
 
 @dataclass
@@ -206,7 +220,8 @@ class AugmentCache:
         if self.key is None:  # studies that never augment never hash the pixels
             self.key = data_key(self.images, self.dataset)
         return key_name({**self.key, "strength": spec.strength,
-                         "families": sorted(spec.families), "copy": index})
+                         "families": sorted(spec.families), "copy": index,
+                         "pipeline": pipeline_digest(spec, min(self.images.shape[2:]))})
 
     def _load_or_make(self, spec: AugmentSpec, index: int, name: str) -> np.ndarray:
         seed = int(name[:8], 16)  # from the key: every trial and worker gets the same copy

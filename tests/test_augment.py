@@ -125,18 +125,77 @@ def test_a_damaged_file_is_made_again_never_trusted(images, tmp_path, damage):
     assert array_file.read_bytes() == data  # the file is whole again
 
 
-def _make_copy_in_a_process(args) -> int:
-    images, directory = args
+def test_the_real_key_misses_when_what_makes_the_bytes_changes(images, tmp_path,
+                                                                 monkeypatch):
+    """Through data_key and pipeline_digest, as trials make them: other pixels, another
+    albumentations release or another pipeline() each miss; the same hit."""
+    def real(pixels=images) -> AugmentCache:
+        return AugmentCache(torch.from_numpy(pixels), None, tmp_path, dataset="mnist")
+
+    made = real().copy(SPEC, 0)
+    same = real()
+    assert torch.equal(same.copy(SPEC, 0), made) and same.stats.generated == 0
+    other_pixels = images.copy()
+    other_pixels[0, 0, 0, 0] ^= 1
+    changed = real(other_pixels)
+    changed.copy(SPEC, 0)
+    assert changed.stats.generated == 1
+    with monkeypatch.context() as patched:
+        patched.setattr(A, "__version__", "2.0.999")
+        newer = real()
+        newer.copy(SPEC, 0)
+        assert newer.stats.generated == 1
+    real_pipeline = augment.pipeline
+
+    def wider_rotation(spec, seed, size=28):  # an edit to pipeline(), nothing bumped
+        compose = real_pipeline(spec, seed, size)
+        for transform in compose.transforms:
+            if isinstance(transform, A.Affine):
+                transform.rotate = (-20.0, 20.0)
+        return compose
+
+    augment.pipeline_digest.cache_clear()
+    with monkeypatch.context() as patched:
+        patched.setattr(augment, "pipeline", wider_rotation)
+        edited = real()
+        edited.copy(SPEC, 0)
+        assert edited.stats.generated == 1
+    augment.pipeline_digest.cache_clear()
+    assert real().copy(SPEC, 0).equal(made)
+
+
+class _SlowMaker:
+    """augment() that waits before making, so that a process holding the lock is still
+    making when the others ask for the same copy."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.real = seconds, augment.augment
+
+    def __call__(self, *args, **kwargs):
+        import time
+
+        time.sleep(self.seconds)
+        return self.real(*args, **kwargs)
+
+
+def _make_copy_in_a_process(args) -> tuple[int, int]:
+    images, directory, barrier = args
+    augment.augment = _SlowMaker(1.0)
     cache = _cache(images, directory)
+    barrier.wait(timeout=120)  # every process asks at the same instant
     cache.copy(SPEC, 0)
-    return cache.stats.generated
+    return cache.stats.generated, cache.stats.from_disk
 
 
 def test_concurrent_workers_make_a_copy_once(images, tmp_path):
     context = multiprocessing.get_context("spawn")
-    with context.Pool(3) as pool:
-        generated = pool.map(_make_copy_in_a_process, [(images, tmp_path)] * 3)
-    assert sum(generated) == 1
+    with context.Manager() as manager:
+        barrier = manager.Barrier(3)
+        with context.Pool(3) as pool:
+            counts = pool.map(_make_copy_in_a_process, [(images, tmp_path, barrier)] * 3)
+    # one made it while the other two waited for the lock (the maker sleeps 1 s first),
+    # then read what it wrote
+    assert sorted(counts) == [(0, 1), (0, 1), (1, 0)]
 
 
 def test_epoch_images_follow_the_trial_seed(images, tmp_path):
