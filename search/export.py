@@ -28,6 +28,7 @@ from search.cache import sha256_of
 from search.config import MAX_INPUT_SIZE
 from search.errors import ConfigError
 from search.models.common import read_state_dict
+from search.train import eval_batch
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +89,11 @@ def _read_info(meta: Path) -> dict:
         raise ModelFileError(f"{meta}: classes must be a list of 2 to {MAX_CLASSES} names")
     options = info.get("options", {})
     size = options.get("input_size", MIN_INPUT_SIZE) if isinstance(options, dict) else None
-    if not (isinstance(options, dict) and set(options) <= {"input_size"} and type(size) is int
-            and MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE):
+    if not (isinstance(options, dict) and set(options) <= {"input_size", "fold"}
+            and type(size) is int and MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE
+            and type(options.get("fold", False)) is bool):
         raise ModelFileError(f"{meta}: options {str(options)[:60]} are not an input_size from "
-                             f"{MIN_INPUT_SIZE} to {MAX_INPUT_SIZE}")
+                             f"{MIN_INPUT_SIZE} to {MAX_INPUT_SIZE} and a fold flag")
     if not isinstance(info["params"], dict):
         raise ModelFileError(f"{meta}: params must be a JSON object")
     return info
@@ -250,7 +252,9 @@ def _export(model: nn.Module, path: Path, example: torch.Tensor) -> str:
 
 
 def check_onnx(path: Path, model: nn.Module, images: torch.Tensor) -> dict:
-    """Run the ONNX file with onnxruntime on uint8 `images` and compare with PyTorch.
+    """Run the ONNX file with onnxruntime on uint8 `images` and compare with PyTorch, batch
+    by batch (search.train.eval_batch: memory bounded by the input size, not the number of
+    images).
 
     Returns the comparison; raises ModelFileError when predictions differ or outputs differ
     by more than ONNX_ATOL.
@@ -258,15 +262,22 @@ def check_onnx(path: Path, model: nn.Module, images: torch.Tensor) -> dict:
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = images.float().div(255.0)
-    with torch.inference_mode():
-        expected = model.cpu().eval()(x).numpy()
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    max_diff = float(np.abs(got - expected).max())
-    same = bool((got.argmax(1) == expected.argmax(1)).all())
-    result = {"images": int(len(x)), "max_abs_diff": max_diff, "atol": ONNX_ATOL,
-              "same_predictions": same, "onnxruntime": onnxruntime.__version__}
+    name = session.get_inputs()[0].name
+    model = model.cpu().eval()
+    step = eval_batch(model, images)
+    max_diff, same = 0.0, True
+    for start in range(0, len(images), step):
+        x = images[start:start + step].float().div(255.0)
+        with torch.inference_mode():
+            expected = model(x).numpy()
+        got = session.run(None, {name: x.numpy()})[0]
+        max_diff = max(max_diff, float(np.abs(got - expected).max()))
+        same = same and bool((got.argmax(1) == expected.argmax(1)).all())
+    result = {"images": int(len(images)), "batch": step, "max_abs_diff": max_diff,
+              "atol": ONNX_ATOL, "same_predictions": same,
+              "onnxruntime": onnxruntime.__version__}
     if not same or max_diff > ONNX_ATOL:
-        raise ModelFileError(f"{path}: onnxruntime disagrees with PyTorch on {len(x)} test "
-                             f"images (max |diff| {max_diff:.2e}, same predictions: {same})")
+        raise ModelFileError(f"{path}: onnxruntime disagrees with PyTorch on {len(images)} "
+                             f"test images (max |diff| {max_diff:.2e}, same predictions: "
+                             f"{same})")
     return result

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from search.cache import ArrayStore, key_name, pixels_sha256
-from search.models.vgg16 import FrozenVGG16, VGGWeights
+from search.models.vgg16 import FrozenVGG16, ImageNetInput, VGGWeights
 from search.train import DeviceSplit, Speed
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ class FeatureCache:
             "model": "vgg16", "cut": CUTS[cut], "input_size": int(input_size),
             "weights_sha256": self.weights.sha256, "dataset": self.dataset, "split": split,
             "n": int(images.shape[0]), "pixels_sha256": pixels, "torch": torch.__version__,
-            "torchvision": _torchvision_version()}) for cut in CUTS}
+            "torchvision": _torchvision_version(), **backbone_settings(self.device)})
+            for cut in CUTS}
         started = time.perf_counter()
 
         def make() -> np.ndarray:
@@ -90,7 +92,7 @@ def run_backbone(weights: VGGWeights, images: torch.Tensor, input_size: int,
     model = FrozenVGG16(1, head="exercise", input_size=input_size, state=weights.state)
     model = model.to(device).eval()
     conv, rest = model.frozen[0], model.frozen[1:]  # vgg.features | avgpool ... [:6]
-    speed = Speed.of(model, device)
+    speed = backbone_speed(device)
     if speed.channels_last:
         model.to(memory_format=torch.channels_last)
     layout = torch.channels_last if speed.channels_last else torch.contiguous_format
@@ -105,6 +107,22 @@ def run_backbone(weights: VGGWeights, images: torch.Tensor, input_size: int,
         for cut, out in (("small", maps.flatten(1)), ("exercise", pooled)):
             parts[cut].append(out.float().cpu().numpy().astype(np.float16))
     return {cut: np.concatenate(chunks) for cut, chunks in parts.items()}
+
+
+def backbone_speed(device: torch.device) -> Speed:
+    """The precision and layout the backbone runs at on `device` (the trainer's settings
+    for a convolutional model there)."""
+    return Speed.of(nn.Conv2d(1, 1, 1), device)
+
+
+def backbone_settings(device: torch.device) -> dict:
+    """What the cached features' bytes depend on besides weights, data and versions: the
+    device kind, the precision and layout the backbone ran at, the images per pass, and the
+    input preprocessing (ImageNet mean and std, the resize)."""
+    speed = backbone_speed(device)
+    return {"device": device.type, "autocast": str(speed.autocast or torch.float32),
+            "channels_last": speed.channels_last, "batch": BATCH,
+            "preprocess": ImageNetInput.describe()}
 
 
 def _torchvision_version() -> str:

@@ -158,7 +158,8 @@ def run_final(study: optuna.Study, cfg: RunConfig,
     Path(cfg.runs_dir).mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{study.study_name}.partial-", dir=cfg.runs_dir))
     outcome = Outcome(study, spec, dataset, staging, best_trial, results, weights=weights,
-                      options={"input_size": cfg.input_size} if weights else {})
+                      # the saved network with classifier[0] folded where that is exact
+                      options={"input_size": cfg.input_size, "fold": True} if weights else {})
     try:
         _write_run(outcome, cfg, params, epochs, batch_size, device, opened)
         _publish(staging, directory)

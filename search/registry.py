@@ -144,12 +144,14 @@ def _vgg16_training(params: vgg16_space.VGGParams, model: nn.Module) -> Built:
 
 
 def build_vgg16(params: vgg16_space.VGGParams, image_shape, n_classes: int, mean, std, *,
-                weights_state: dict | None = None, input_size: int = 32, **_context) -> Built:
+                weights_state: dict | None = None, input_size: int = 32, fold: bool = False,
+                **_context) -> Built:
     """The whole network (saved, reloaded, exported). `mean`/`std` are not used: VGG16
-    normalizes with ImageNet's statistics (search.models.vgg16)."""
+    normalizes with ImageNet's statistics (search.models.vgg16). `fold`: classifier[0]
+    folded where that is exact (FrozenVGG16)."""
     return _vgg16_training(params, FrozenVGG16(
         n_classes, head=params.head, input_size=input_size, hidden=params.hidden,
-        dropout=params.dropout, state=weights_state))
+        dropout=params.dropout, state=weights_state, fold=fold))
 
 
 def build_vgg16_head(params: vgg16_space.VGGParams, n_features: int, n_classes: int) -> Built:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -28,7 +29,10 @@ from search.errors import ConfigError, TrialDiverged
 
 # An epoch-mean loss above this is treated as exploded: no loss here starts above ~10.
 EXPLODED_LOSS = 1e4
-EVAL_BATCH = 4096  # images per forward pass when scoring; no gradients are kept
+EVAL_BATCH = 4096  # at most this many images per forward pass when scoring
+# activation bytes one scoring pass may hold: the batch shrinks as the input grows (VGG16 at
+# 224 px takes ~13 MB per image in its first layer alone), never with the number of images
+EVAL_BYTES = 1 << 30
 
 # (params, lr, weight decay or None, fused: True or None) -> optimizer
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -258,12 +262,45 @@ def train_built(built, train: DeviceSplit, val: DeviceSplit, *, epochs: int, bat
                speed=speed)
 
 
+_eval_batches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {shape: n}
+
+
+@torch.inference_mode()
+def eval_batch(model: nn.Module, x: torch.Tensor) -> int:
+    """Images per scoring pass of `model` (in eval mode) on inputs like `x`'s: EVAL_BYTES
+    over what one image takes, three times its largest layer output (a layer's input, its
+    output and a temporary; measured once per model and input shape on one image), at most
+    EVAL_BATCH and at least 1."""
+    known = _eval_batches.setdefault(model, {})
+    key = (tuple(x.shape[1:]), x.dtype, x.device)
+    if key not in known:
+        one = as_input(x[:1])
+        largest = [one.numel() * one.element_size()]
+
+        def measure(module, args, output) -> None:
+            if isinstance(output, torch.Tensor):
+                largest[0] = max(largest[0], output.numel() * output.element_size())
+
+        hooks = [m.register_forward_hook(measure) for m in model.modules()
+                 if next(m.children(), None) is None]
+        try:
+            model(one)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        known[key] = int(max(1, min(EVAL_BATCH, EVAL_BYTES // (3 * largest[0]))))
+    return known[key]
+
+
 @torch.inference_mode()
 def predict_scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Model outputs for uint8 images (or stored features) `x`, in eval mode, batched."""
+    """Model outputs for uint8 images (or stored features) `x`, in eval mode, in batches
+    of eval_batch(model, x): memory bounded by the input size, not the number of images."""
     model.eval()
-    batches = (x[i:i + EVAL_BATCH] for i in range(0, len(x), EVAL_BATCH))
-    return torch.cat([model(as_input(batch)) for batch in batches])
+    if len(x) == 0:
+        return model(as_input(x))
+    step = eval_batch(model, x)
+    return torch.cat([model(as_input(x[i:i + step])) for i in range(0, len(x), step)])
 
 
 def evaluate_accuracy(model: nn.Module, split: DeviceSplit) -> float:

@@ -176,3 +176,27 @@ def test_a_cnn_learns_with_the_fast_settings_and_scores_in_float32(digits):
     assert history[-1].val_accuracy > 0.85
     scores = predict_scores(model, val.x)
     assert scores.dtype == torch.float32
+
+
+def test_scoring_batches_shrink_with_the_input_size_not_the_number_of_images(monkeypatch):
+    """eval_batch sizes a scoring pass by one image's activations: VGG16 at 224 px (49x the
+    first layer's output at 32 px) gets batches of at most a 40th; the scores are those of
+    one pass over every image, whatever the batch."""
+    from search import train as train_module
+    from search.models.vgg16 import FrozenVGG16
+    from search.train import eval_batch
+
+    torch.manual_seed(0)
+    small, large = (FrozenVGG16(10, input_size=size).eval() for size in (32, 224))
+    images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    at_32, at_224 = eval_batch(small, images), eval_batch(large, images)
+    # the first conv's output, 64 channels x 224 x 224 float32, three times: 38.5 MB
+    assert at_224 == train_module.EVAL_BYTES // (3 * 64 * 224 * 224 * 4)
+    assert at_224 <= at_32 // 40
+    assert eval_batch(small, images[:1]) == at_32  # not a function of how many images
+    model = CNN((1, 28, 28), (8, 16), 10)
+    whole = predict_scores(model, images)
+    monkeypatch.setattr(train_module, "EVAL_BYTES", 1)  # one image a pass
+    train_module._eval_batches.clear()
+    assert eval_batch(model, images) == 1
+    assert torch.allclose(predict_scores(model, images), whole, atol=1e-6)

@@ -176,6 +176,29 @@ def test_a_changed_key_recomputes(weights, images, tmp_path):
     assert other_pixels.computed == [("train", 32)]
 
 
+@pytest.mark.parametrize("change", ["precision", "resize", "batch"])
+def test_features_made_otherwise_are_not_served_from_the_cache(weights, images, tmp_path,
+                                                               monkeypatch, change):
+    """The backbone's precision (bf16 autocast or not, as the CPU or GPU decides), its input
+    preprocessing and its images per pass are in the key: the same images and weights
+    made otherwise miss."""
+    from search import features as features_module
+    from search import train as train_module
+
+    _features(weights, tmp_path, images).get("train", "small", 32)
+    if change == "precision":
+        native = train_module._cpu_bf16()
+        monkeypatch.setattr(train_module, "_cpu_bf16", lambda: not native)
+    elif change == "resize":
+        monkeypatch.setattr(ImageNetInput, "RESIZE", {"mode": "bicubic",
+                                                      "align_corners": False})
+    else:
+        monkeypatch.setattr(features_module, "BATCH", 7)
+    again = _features(weights, tmp_path, images)
+    again.get("train", "small", 32)
+    assert again.computed == [("train", 32)]
+
+
 def test_a_corrupted_feature_file_is_recomputed(weights, images, tmp_path):
     expected = _features(weights, tmp_path, images).get("train", "small", 32).clone()
     for stored in tmp_path.glob("*.npy"):
@@ -183,3 +206,40 @@ def test_a_corrupted_feature_file_is_recomputed(weights, images, tmp_path):
     again = _features(weights, tmp_path, images)
     assert torch.equal(again.get("train", "small", 32), expected)
     assert again.computed == [("train", 32)]
+
+
+@pytest.mark.parametrize("input_size", [32, 63])
+def test_the_folded_network_computes_what_the_whole_one_does(weights, tmp_path, input_size):
+    """Under 64 px the exercise network's classifier[0] folds to 512 -> 4096: the same
+    scores on images (PyTorch and ONNX), a model.pt under 150 MB (the whole one is 537 MB)."""
+    from search import export
+
+    torch.manual_seed(0)
+    whole = FrozenVGG16(10, input_size=input_size, state=weights.state).eval()
+    folded = FrozenVGG16(10, input_size=input_size, state=weights.state, fold=True).eval()
+    assert folded.folded and not whole.folded
+    folded.head.load_state_dict(whole.head.state_dict())
+    images = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(1))
+    x = images.float() / 255
+    with torch.inference_mode():
+        expected, got = whole(x), folded(x)
+        features = whole.features(x)
+    assert torch.allclose(folded.features(x), features, rtol=1e-4,
+                          atol=1e-5 * float(features.abs().max()))
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    removed = count_parameters(whole, trainable_only=False) - count_parameters(
+        folded, trainable_only=False)
+    assert removed == 4096 * (25088 - 512)
+    torch.save(folded.state_dict(), tmp_path / "model.pt")
+    assert (tmp_path / "model.pt").stat().st_size < 150 * 2**20
+    export.export_onnx(folded, tmp_path / "model.onnx", x[:2])
+    checked = export.check_onnx(tmp_path / "model.onnx", folded, images)
+    assert checked["same_predictions"] and checked["max_abs_diff"] <= export.ONNX_ATOL
+
+
+def test_only_the_exercise_network_under_64_px_folds(weights):
+    assert not FrozenVGG16(10, input_size=64, state=weights.state, fold=True).folded
+    assert not FrozenVGG16(10, head="small", input_size=32, hidden=8, state=weights.state,
+                           fold=True).folded

@@ -20,9 +20,17 @@ from search.export import load_model
 from search.run import main, search
 from search.train import predict_scores
 
+# backbone passes (search.features.run_backbone, FrozenVGG16.features) made while a trial
+# ran, counted by the fixture below
+BACKBONE_IN_TRIALS: list[str] = []
+
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
+    from search import features as features_module
+    from search import objective as objective_module
+    from search.models.vgg16 import FrozenVGG16
+
     root = tmp_path_factory.mktemp("vgg16")
     common = dict(data="digits", storage=f"sqlite:///{root / 'studies.db'}", final_seeds=1,
                   runs_dir=str(root / "runs"), epochs=2)
@@ -30,7 +38,33 @@ def finished(tmp_path_factory):
     study, opened, dataset = search(mlp_cfg)
     mlp = final_module.run_final(study, mlp_cfg, opened, dataset)
     cfg = RunConfig(study="vgg16", n_trials=3, weights="none", **common)
-    study, opened, dataset = search(cfg)
+    in_trial: list[int] = []
+
+    def counting(name, real):
+        def counted(*args, **kwargs):
+            if in_trial:
+                BACKBONE_IN_TRIALS.append(name)
+            return real(*args, **kwargs)
+        return counted
+
+    def trial_call(real):
+        def call(self, trial):
+            in_trial.append(trial.number)
+            try:
+                return real(self, trial)
+            finally:
+                in_trial.pop()
+        return call
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(features_module, "run_backbone",
+                        counting("run_backbone", features_module.run_backbone))
+        patched.setattr(FrozenVGG16, "features",
+                        counting("FrozenVGG16.features", FrozenVGG16.features))
+        patched.setattr(objective_module.Objective, "__call__",
+                        trial_call(objective_module.Objective.__call__))
+        study, opened, dataset = search(cfg)
+    assert len(study.trials) == 3 and not in_trial
     outcome = final_module.run_final(study, cfg, opened, dataset)
     return cfg, study, outcome, root / "runs" / "vgg16-digits", mlp
 
@@ -40,6 +74,9 @@ def test_trials_never_run_the_backbone(finished):
     assert study.trials[0].user_attrs["reference"] == "exercise"
     assert study.trials[0].params["head"] == "exercise"
     assert all(t.user_attrs["backbone_runs"] == 0 for t in study.trials)
+    # counted from outside: the features were made before the first trial, in the
+    # objective's constructor, and no trial ran the backbone
+    assert BACKBONE_IN_TRIALS == []
     assert study.user_attrs["backbone"]["weights"]["kind"] == "none"
     assert study.user_attrs["backbone"]["input_size"] == 32
 
@@ -47,7 +84,7 @@ def test_trials_never_run_the_backbone(finished):
 def test_the_whole_network_is_saved_reloaded_and_exported(finished):
     _, _, outcome, directory, _ = finished
     info = json.loads((directory / "model.json").read_text())
-    assert info["study"] == "vgg16" and info["options"] == {"input_size": 32}
+    assert info["study"] == "vgg16" and info["options"] == {"input_size": 32, "fold": True}
     assert info["weights"]["kind"] == "none" and len(info["weights"]["sha256"]) == 64
     assert info["n_parameters"] < info["n_parameters_total"]
     assert info["input"]["applied"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
@@ -84,8 +121,10 @@ def test_report_and_note_say_random_weights_and_explain_from_the_run(finished):
     assert "ms per image" in section
     others = md.split("## Other studies on the same data")[1].split("\n## ")[0]
     assert f"| mlp-digits | mlp | {mlp.test['accuracy']:.4f} |" in others
-    if mlp.test["accuracy"] > outcome.test["accuracy"]:
-        assert "**Why VGG16 loses here**" in section and "weights are random" in section
+    # the explanation is there exactly when the mlp study won
+    loses = mlp.test["accuracy"] > outcome.test["accuracy"]
+    assert ("**Why VGG16 loses here**" in section) == loses
+    assert ("weights are random" in section) == loses
     from optuna_dashboard._note import get_note_from_system_attrs
 
     stored = optuna.load_study(study_name=study.study_name, storage=cfg.storage)
