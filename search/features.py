@@ -47,7 +47,8 @@ class FeatureCache:
     def get(self, split: str, head: str, input_size: int) -> torch.Tensor:
         """float16 features [N, F] of `split` for a head of kind `head` at `input_size` px.
         A miss runs the backbone once for every cut (conv output, then on through the
-        frozen classifier) and stores them all."""
+        frozen classifier) and stores them all. Memory holds the features of the last head
+        asked for only; another head's are read from the cache's folder."""
         slot = (split, head, input_size)
         if slot in self._memory:
             return self._memory[slot]
@@ -80,6 +81,8 @@ class FeatureCache:
         log.info("%s features of the %s split (%d x %d): %s in %.1f s", CUTS[head], split,
                  *array.shape, "computed" if made else "cache hit", time.perf_counter() - started)
         tensor = torch.from_numpy(array)
+        # one head's features in memory (a trial trains one head; the other cut is on disk)
+        self._memory = {kept: t for kept, t in self._memory.items() if kept[1] == head}
         self._memory[slot] = tensor
         return tensor
 

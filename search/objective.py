@@ -110,9 +110,10 @@ class Objective:
             self.features = FeatureCache(
                 {"train": dataset.train.x, "val": dataset.val.x}, dataset.name,
                 weights or resolve_weights(cfg.weights, cfg.seed), cache / "features", device)
-            for split in ("train", "val"):  # before any trial: trials never run the backbone
-                for head in HEADS:
-                    self.features.get(split, head, cfg.input_size)
+            # before any trial: trials never run the backbone. One pass makes every head's
+            # cut and stores them all; only the first head's are held in memory
+            for split in ("train", "val"):
+                self.features.get(split, HEADS[0], cfg.input_size)
 
     def _inputs(self, params):
         """(train, val, build) for a trial: images, or the cached features of its head."""
