@@ -103,6 +103,19 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("SEARCH_DATA_DIR") or "data")
 
 
+def check_data_dir(data_dir: str | Path | None) -> Path:
+    """The folder data is read from: `data_dir`, else $SEARCH_DATA_DIR, else ./data. Raises
+    DataError when one was given (flag or variable) and is not a folder."""
+    explicit = data_dir is not None or bool(os.environ.get("SEARCH_DATA_DIR"))
+    directory = Path(data_dir) if data_dir is not None else default_data_dir()
+    if explicit and not directory.is_dir():
+        raise DataError(
+            f"data directory {directory} does not exist; create it or point --data-dir "
+            "(or $SEARCH_DATA_DIR) at the folder holding the IDX files"
+        )
+    return directory
+
+
 def load(name: str, data_dir: str | Path | None = None, download: bool = True) -> Dataset:
     """Load data set `name` (one of DATASETS) with its train/val/test splits.
 
@@ -111,13 +124,7 @@ def load(name: str, data_dir: str | Path | None = None, download: bool = True) -
     """
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
-    explicit = data_dir is not None or bool(os.environ.get("SEARCH_DATA_DIR"))
-    directory = Path(data_dir) if data_dir is not None else default_data_dir()
-    if explicit and not directory.is_dir():
-        raise DataError(
-            f"data directory {directory} does not exist; create it or point --data-dir "
-            "(or $SEARCH_DATA_DIR) at the folder holding the IDX files"
-        )
+    directory = check_data_dir(data_dir)
     if name == "auto":
         try:
             return _load_idx_dataset("mnist", directory, download)

@@ -51,15 +51,20 @@ def evaluate(path: str, data: str | None = None, data_dir: str | None = None) ->
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    setup_logging()
+def build_parser() -> Parser:
     parser = Parser(prog="python -m search.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="path to model.pt (model.json must be beside it)")
     parser.add_argument("--data", choices=data_module.DATASETS,
                         help="data set to score on (default: the one in model.json)")
     parser.add_argument("--data-dir")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = build_parser().parse_args(argv)
     try:
+        data_module.check_data_dir(args.data_dir)  # before the model is read
         result = evaluate(args.model, args.data, args.data_dir)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -26,10 +26,11 @@ import torch
 
 import storage
 from search import augment as augment_module
+from search import data as data_module
 from search import export, registry
 from search import metrics as metrics_module
 from search.cli import Parser, setup_logging
-from search.config import RunConfig, trial_seed, versions
+from search.config import RunConfig, check_writable, trial_seed, versions
 from search.data import Dataset
 from search.errors import ConfigError
 from search.features import FeatureCache, backbone_ms_per_image
@@ -277,8 +278,7 @@ def _save_and_reload(outcome: Outcome, params, epochs: int, batch_size: int) -> 
          "comparison": summary}, indent=2) + "\n", encoding="utf-8")
 
 
-def main(argv: list[str] | None = None) -> int:
-    setup_logging()
+def build_parser() -> Parser:
     parser = Parser(prog="python -m search.final", description=__doc__.splitlines()[0])
     parser.add_argument("--study-name", required=True)
     parser.add_argument("--storage", default=storage.DEFAULT_URL)
@@ -287,8 +287,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--runs-dir", default="runs")
     parser.add_argument("--artifact-dir")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = build_parser().parse_args(argv)
     try:
+        resolve_device(args.device)  # flags first: nothing is read for a refused command
+        data_module.check_data_dir(args.data_dir)
+        for flag, directory in (("--runs-dir", args.runs_dir),
+                                ("--artifact-dir", args.artifact_dir)):
+            if directory is not None:
+                check_writable(directory, flag)
         study, opened = load_existing(args.storage, args.study_name)
         cfg = config_of_study(study, storage=args.storage, device=args.device,
                               data_dir=args.data_dir, final_seeds=args.final_seeds,

@@ -23,6 +23,7 @@ import torch
 from optuna.trial import TrialState
 
 import storage
+from search import data as data_module
 from search import registry
 from search.cli import Parser, setup_logging
 from search.errors import ConfigError
@@ -167,8 +168,7 @@ def replay(study: optuna.Study, number: int, device: str = "cpu",
                     value, failure)
 
 
-def main(argv: list[str] | None = None) -> int:
-    setup_logging()
+def build_parser() -> Parser:
     parser = Parser(prog="python -m search.replay", description=__doc__.splitlines()[0])
     parser.add_argument("--study-name", required=True)
     parser.add_argument("--trial", type=int, required=True, help="the trial's number")
@@ -176,9 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu",
                         help="cpu (default: the one on which a replay equals its trial) or cuda")
     parser.add_argument("--data-dir")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = build_parser().parse_args(argv)
     try:
-        resolve_device(args.device)  # a bad device is refused before anything is read
+        resolve_device(args.device)  # bad flags are refused before anything is read
+        data_module.check_data_dir(args.data_dir)
         study, _ = load_existing(args.storage, args.study_name)
         replayed = replay(study, args.trial, args.device, args.data_dir)
     except ConfigError as exc:
