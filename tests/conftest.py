@@ -102,3 +102,19 @@ def make_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     for i, label in enumerate(labels):
         images[i, 2 * label + 4, 4:24] = 255
     return images, labels.astype(np.uint8)
+
+
+def onnx_agrees(onnx_path, model, images, atol: float = 1e-4) -> None:
+    """Runs model.onnx in onnxruntime here, on uint8 `images`, and asserts its scores are
+    `model`'s (PyTorch) to `atol`, with the same predictions: not the flag the code wrote."""
+    import onnxruntime
+    import torch
+
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    x = images.float() / 255
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.inference_mode():
+        expected = model.eval()(x).numpy()
+    assert got.shape == expected.shape
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    assert float(np.abs(got - expected).max()) <= atol
