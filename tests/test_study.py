@@ -289,6 +289,9 @@ def test_a_trial_writes_its_reports_in_a_few_transactions_and_loses_none(
         study.optimize(objective, n_trials=1)  # the lecture net (enqueued first), not pruned
         return study.get_trials()[0], len(commits)
 
+    # the clock driven, not raced: no write falls due by time (a slow machine's epochs
+    # would otherwise pass REPORT_EVERY_S and write more often)
+    monkeypatch.setattr(objective_module, "REPORT_EVERY_S", float("inf"))
     ours, commits = one_trial(study_name)
 
     def one_by_one(trial, user_attrs, reports):  # what set_user_attr and report each cost
@@ -307,8 +310,8 @@ def test_a_trial_writes_its_reports_in_a_few_transactions_and_loses_none(
     assert ours.user_attrs.keys() == theirs.user_attrs.keys() >= {
         "seed", "settings", "speed", "threads", "n_parameters", "seconds_per_epoch",
         "epoch_ended", "best_epoch", "worker"}
-    # 12 reports and 9 attributes: 21 commits one by one; these epochs take well under a
-    # second each, so only the start, the rungs (1, 3, 9 with sha) and the end write
+    # 12 reports and 9 attributes: 21 commits one by one; with no write due by time, only
+    # the start, the rungs (1, 3, 9 with sha) and the end write
     assert separate - commits >= 21 - 6, (commits, separate)
 
 
@@ -379,3 +382,26 @@ def test_params_wait_for_the_next_write_and_are_never_lost(storage_url, study_na
             storage.params_later(trial):
         trial.suggest_categorical("x", ["a", "b"])
         storage.write_trial(trial, {"c": 1})
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask() outside optimize
+@pytest.mark.parametrize("every", [float("inf"), 0.0])
+def test_reports_wait_for_a_rung_or_for_the_time_that_makes_them_due(monkeypatch, every):
+    """TrialRecorder writes at the pruner's rungs (1, 3, 9), and between them once
+    REPORT_EVERY_S has passed since its last write: the clock set, not raced."""
+    from search import objective as objective_module
+    from search.study import make_pruner
+
+    study = optuna.create_study(direction="maximize", pruner=make_pruner("sha", 12))
+    writes: list[dict] = []
+    monkeypatch.setattr(objective_module.storage, "write_trial",
+                        lambda trial, attrs, reports: writes.append(dict(reports)))
+    monkeypatch.setattr(objective_module, "REPORT_EVERY_S", every)
+    recorder = objective_module.TrialRecorder(study.ask())
+    for step in range(1, 6):
+        recorder.report(0.5 + step / 100, step)
+    if every == 0.0:  # always due: each report as it comes
+        assert [sorted(w) for w in writes] == [[1], [2], [3], [4], [5]]
+    else:  # never due by time: the rungs only, the rest waits for the trial's end
+        assert [sorted(w) for w in writes] == [[1], [2, 3]]
+        assert sorted(recorder.pending) == [4, 5]
