@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from search.cache import ArrayStore, key_name, pixels_sha256
+from search.cache import ArrayStore, SizeBound, key_name, pixels_sha256
 
 log = logging.getLogger(__name__)
 
@@ -181,15 +181,17 @@ class AugmentCache:
     directory: Path | None = None
     dataset: str = ""
     processes: int = 1
+    bound: SizeBound | None = None  # the cache folder's size bound (--cache-max-gb)
     stats: CacheStats = field(default_factory=CacheStats)
     _memory: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
     @classmethod
-    def for_dataset(cls, dataset, directory: Path | None) -> AugmentCache:
+    def for_dataset(cls, dataset, directory: Path | None,
+                    bound: SizeBound | None = None) -> AugmentCache:
         """The cache of `dataset`'s training split (a search.data.Dataset); copies that
         span several chunks are made by as many processes as torch has threads."""
         return cls(dataset.train.x, None, directory, dataset=dataset.name,
-                   processes=max(1, torch.get_num_threads()))
+                   processes=max(1, torch.get_num_threads()), bound=bound)
 
     def epoch_images(self, spec: AugmentSpec, seed: int, epochs: int,
                      device: torch.device) -> EpochImages | None:
@@ -232,7 +234,7 @@ class AugmentCache:
         if self.directory is None:
             self.stats.generated += 1
             return make()
-        array, made = ArrayStore(self.directory).get_or_make(
+        array, made = ArrayStore(self.directory, self.bound).get_or_make(
             name, make, tuple(self.images.shape), np.uint8)
         if made:
             self.stats.generated += 1

@@ -5,7 +5,9 @@ features (search.features). A file is named by a hash of everything it depends o
 changed key is simply another file. It is written under a temporary name and renamed into
 place, with its sha256 in a file beside it: a reader sees a whole file or none, and a file
 that is truncated, corrupted or lacks its digest is made again, never trusted. A lock file
-per name keeps concurrent workers from making the same array twice.
+per name keeps concurrent workers from making the same array twice. A `SizeBound` keeps a
+cache folder under a size (`--cache-max-gb`): after each new array, the least recently used
+ones (by the time they were last written or read) are removed until the folder fits.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +48,51 @@ def key_name(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
-class ArrayStore:
-    """Arrays in `directory` by name; see the module doc."""
+@dataclass(frozen=True)
+class SizeBound:
+    """At most `max_bytes` of arrays under `root` (every ArrayStore below it counts)."""
 
-    def __init__(self, directory: Path) -> None:
+    root: Path
+    max_bytes: int
+
+    @classmethod
+    def gigabytes(cls, root: Path, gb: float | None) -> SizeBound | None:
+        return None if gb is None else cls(Path(root), int(gb * 2**30))
+
+    def make_room(self, keep: Path) -> list[Path]:
+        """Remove the least recently used arrays under `root` (never `keep`, the one just
+        written) until the arrays there take at most max_bytes. Returns what was removed.
+        A file another process removed meanwhile is skipped; one it is reading stays
+        readable to it (POSIX), and a reader that finds none makes the array again."""
+        entries = []
+        for path in self.root.rglob("*.npy"):
+            with contextlib.suppress(OSError):
+                stat = path.stat()
+                entries.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in entries)
+        removed = []
+        for _, size, path in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            if path == keep:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                path.with_suffix(".sha256").unlink(missing_ok=True)
+                removed.append(path)
+            total -= size
+        if removed:
+            log.info("cache %s: removed %d least recently used arrays to stay under %.1f GB",
+                     self.root, len(removed), self.max_bytes / 2**30)
+        return removed
+
+
+class ArrayStore:
+    """Arrays in `directory` by name, kept within `bound` if given; see the module doc."""
+
+    def __init__(self, directory: Path, bound: SizeBound | None = None) -> None:
         self.directory = Path(directory)
+        self.bound = bound
 
     def paths(self, name: str) -> tuple[Path, Path]:
         return self.directory / f"{name}.npy", self.directory / f"{name}.sha256"
@@ -73,6 +116,8 @@ class ArrayStore:
         if (shape is not None and array.shape != tuple(shape)) or (
                 dtype is not None and array.dtype != np.dtype(dtype)):
             return None
+        with contextlib.suppress(OSError):  # used now: the last a size bound removes
+            os.utime(array_path)
         return array
 
     def get_or_make(self, name: str, make: Callable[[], np.ndarray], shape: tuple | None = None,
@@ -100,6 +145,8 @@ class ArrayStore:
         data = _npy_bytes(array)
         _write_atomically(array_path, data)
         _write_atomically(digest_path, hashlib.sha256(data).hexdigest().encode())
+        if self.bound is not None:
+            self.bound.make_room(keep=array_path)
 
 
 def read_npy(data: bytes) -> np.ndarray:

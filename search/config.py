@@ -83,6 +83,7 @@ class RunConfig:
     runs_dir: str = "runs"  # final models and reports go to <runs_dir>/<study-name>/
     artifact_dir: str | None = None  # None: beside the SQLite file, else ./artifacts
     cache_dir: str | None = None  # None: beside the SQLite file (studies-cache/), else ./cache
+    cache_max_gb: float = 20.0  # the cache's arrays, least recently used removed past it
     weights: str = "imagenet"  # vgg16: imagenet, none (seeded random) or a state_dict path
     input_size: int = 32  # vgg16: images are resized to this square size (at least 32)
 
@@ -103,6 +104,10 @@ class RunConfig:
         if self.references is not None and self.references not in REFERENCE_MODES:
             raise ConfigError(f"--references {self.references!r}: choose one of "
                               f"{', '.join(REFERENCE_MODES)}")
+        if not (isinstance(self.cache_max_gb, int | float) and 0.01 <= self.cache_max_gb
+                <= 1e6):
+            raise ConfigError(f"--cache-max-gb must be from 0.01 to 1,000,000 (GB), got "
+                              f"{self.cache_max_gb}")
         if not 32 <= self.input_size <= MAX_INPUT_SIZE:
             raise ConfigError(f"--input-size must be from 32 (VGG16 halves it five times) to "
                               f"{MAX_INPUT_SIZE}, got {self.input_size:,}")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from search.cache import ArrayStore, key_name, pixels_sha256
+from search.cache import ArrayStore, SizeBound, key_name, pixels_sha256
 from search.models.vgg16 import FrozenVGG16, ImageNetInput, VGGWeights
 from search.train import DeviceSplit, Speed
 
@@ -41,6 +41,7 @@ class FeatureCache:
     directory: Path | None
     device: torch.device
     computed: list = field(default_factory=list)  # (split, input size) passes this process ran
+    bound: SizeBound | None = None  # the cache folder's size bound (--cache-max-gb)
     _memory: dict = field(default_factory=dict, repr=False)
     _pixels: dict = field(default_factory=dict, repr=False)  # split -> sha256 of its pixels
 
@@ -70,13 +71,13 @@ class FeatureCache:
             if self.directory is not None:
                 for cut, array in arrays.items():
                     if cut != head:  # the requested one is stored by get_or_make
-                        ArrayStore(self.directory).put(names[cut], array)
+                        ArrayStore(self.directory, self.bound).put(names[cut], array)
             return arrays[head]
 
         if self.directory is None:
             array, made = make(), True
         else:
-            array, made = ArrayStore(self.directory).get_or_make(names[head], make,
+            array, made = ArrayStore(self.directory, self.bound).get_or_make(names[head], make,
                                                                  dtype=np.float16)
         log.info("%s features of the %s split (%d x %d): %s in %.1f s", CUTS[head], split,
                  *array.shape, "computed" if made else "cache hit", time.perf_counter() - started)

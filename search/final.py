@@ -29,6 +29,7 @@ from search import augment as augment_module
 from search import data as data_module
 from search import export, registry
 from search import metrics as metrics_module
+from search.cache import SizeBound
 from search.cli import Parser, setup_logging
 from search.config import RunConfig, check_writable, trial_seed, versions
 from search.data import Dataset
@@ -132,12 +133,13 @@ def run_final(study: optuna.Study, cfg: RunConfig,
              "%d epochs each", best_trial.number, len(spec.references), seeds, epochs)
 
     cache = storage.cache_dir(cfg.storage, cfg.cache_dir)
-    augment = augment_module.AugmentCache.for_dataset(dataset, cache / "augment")
+    bound = SizeBound.gigabytes(cache, cfg.cache_max_gb)
+    augment = augment_module.AugmentCache.for_dataset(dataset, cache / "augment", bound)
     batch_size = int(ran_with.get("batch_size", cfg.batch_size))
     weights = _study_weights(study, cfg) if spec.feature_head else None
     features = None if weights is None else FeatureCache(
         {"train": dataset.train.x, "val": dataset.val.x, "test": dataset.test.x},
-        dataset.name, weights, cache / "features", device)
+        dataset.name, weights, cache / "features", device, bound=bound)
 
     def train(config_params, label):
         return retrain(spec, config_params, label, dataset, seeds=seeds, epochs=epochs,
@@ -191,9 +193,13 @@ def _write_run(outcome: Outcome, cfg: RunConfig, params, epochs: int, batch_size
     render.write(report_content.build(outcome), outcome.directory, f"Study {study.study_name}")
 
 
+KEEP_PREVIOUS = 1  # final runs of a study kept beside the newest (a vgg16 one: ~0.3-1 GB)
+
+
 def _publish(staging: Path, directory: Path) -> None:
-    """Move the finished folder `staging` to `directory`. A previous final run there is not
-    destroyed: it is renamed to <name>.previous-<time it was made>, and the log says so."""
+    """Move the finished folder `staging` to `directory`. The previous final run there is
+    not destroyed: it is renamed to <name>.previous-<time it was made>, and the log says
+    so; of the runs kept that way, the KEEP_PREVIOUS newest stay, older ones are removed."""
     if directory.exists():
         made = time.strftime("%Y%m%d-%H%M%S", time.localtime(directory.stat().st_mtime))
         kept = directory.with_name(f"{directory.name}.previous-{made}")
@@ -203,6 +209,11 @@ def _publish(staging: Path, directory: Path) -> None:
             suffix += 1
         directory.rename(kept)
         log.info("the previous final run of this study is kept in %s", kept)
+        older = sorted(directory.parent.glob(f"{directory.name}.previous-*"),
+                       key=lambda p: p.stat().st_mtime, reverse=True)[KEEP_PREVIOUS:]
+        for folder in older:
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed an older final run of this study: %s", folder)
     staging.rename(directory)
 
 

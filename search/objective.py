@@ -18,6 +18,7 @@ import torch
 import storage
 from search import budget
 from search.augment import AugmentCache
+from search.cache import SizeBound
 from search.config import RunConfig, trial_seed
 from search.data import Dataset
 from search.errors import TrialDiverged
@@ -103,13 +104,15 @@ class Objective:
         self.val = DeviceSplit.of(dataset.val, device)
         # augmented copies of the training split, shared by every trial (search.augment)
         cache = storage.cache_dir(cfg.storage, cfg.cache_dir)
-        self.augment = AugmentCache.for_dataset(dataset, cache / "augment")
+        bound = SizeBound.gigabytes(cache, cfg.cache_max_gb)
+        self.augment = AugmentCache.for_dataset(dataset, cache / "augment", bound)
         # a frozen backbone's outputs, computed once (search.features); never the test split
         self.features = None
         if spec.feature_head is not None:
             self.features = FeatureCache(
                 {"train": dataset.train.x, "val": dataset.val.x}, dataset.name,
-                weights or resolve_weights(cfg.weights, cfg.seed), cache / "features", device)
+                weights or resolve_weights(cfg.weights, cfg.seed), cache / "features", device,
+                bound=bound)
             # before any trial: trials never run the backbone. One pass makes every head's
             # cut and stores them all; only the first head's are held in memory
             for split in ("train", "val"):

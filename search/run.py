@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", help="cache of work many trials share, e.g. augmented "
                         "images (default: beside the SQLite file, e.g. studies-cache/, "
                         "else ./cache)")
+    parser.add_argument("--cache-max-gb", type=float, default=20.0,
+                        help="the cache's size bound: past it, the least recently used arrays "
+                        "are removed (default 20)")
     return parser
 
 
@@ -105,7 +108,8 @@ def config_from_args(argv: list[str] | None = None) -> RunConfig:
         workers=args.workers, workers_per_device=args.workers_per_device,
         sampler=args.sampler, pruner=args.pruner, references=args.references, final=args.final,
         final_seeds=args.final_seeds, runs_dir=args.runs_dir, artifact_dir=args.artifact_dir,
-        cache_dir=args.cache_dir, weights=args.weights, input_size=args.input_size,
+        cache_dir=args.cache_dir, cache_max_gb=args.cache_max_gb, weights=args.weights,
+        input_size=args.input_size,
     )
 
 

@@ -189,6 +189,9 @@ ROWS = [
     Row("runs dir is a file", [*RUN, "--runs-dir", "afile/runs"], "is not a folder",
         _write("afile", b"x")),
     # storage URLs, malformed in every part, unreachable, or not an Optuna database
+    Row("cache bound zero", [*RUN, "--cache-max-gb", "0"], "--cache-max-gb must be from 0.01"),
+    Row("cache bound not a number", [*RUN, "--cache-max-gb", "lots"], "invalid float value"),
+    Row("cache bound nan", [*RUN, "--cache-max-gb", "nan"], "--cache-max-gb must be from"),
     Row("storage scheme", [*RUN, "--storage", "postgres://u@h/db"], "unknown database kind"),
     Row("storage driver", [*RUN, "--storage", "mysql+nodriver://x"], "unknown database kind"),
     Row("storage empty", [*RUN, "--storage", ""], "malformed"),

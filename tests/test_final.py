@@ -327,3 +327,21 @@ def test_a_reference_that_diverges_on_every_seed_is_reported_not_fatal(tmp_path,
     assert "diverged" in report
     metrics = json.loads((tmp_path / "mlp-digits" / "metrics.json").read_text())
     assert metrics["comparison"]["seed net"]["seeds"] == []
+
+
+def test_publishing_keeps_the_newest_previous_run_only(tmp_path):
+    """Each final run moves the one before it aside; of those, the newest stays and older
+    ones go (a vgg16 final run is hundreds of MB)."""
+    import os
+
+    directory = tmp_path / "runs" / "s"
+    for i in range(3):
+        staging = tmp_path / "runs" / f".s.partial-{i}"
+        staging.mkdir(parents=True)
+        (staging / "model.pt").write_text(f"run {i}")
+        final_module._publish(staging, directory)
+        os.utime(directory, (1_000_000 + 1000 * i,) * 2)  # made at distinct times
+    previous = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name != "s")
+    assert len(previous) == final_module.KEEP_PREVIOUS == 1
+    assert (tmp_path / "runs" / previous[0] / "model.pt").read_text() == "run 1"
+    assert (directory / "model.pt").read_text() == "run 2"
