@@ -34,7 +34,7 @@ from search.cli import Parser, setup_logging
 from search.config import RunConfig, check_writable, trial_seed, versions
 from search.data import Dataset
 from search.errors import ConfigError
-from search.features import FeatureCache, backbone_ms_per_image
+from search.features import FeatureCache, backbone_ms_per_image, backbone_speed
 from search.models import Normalize, count_parameters
 from search.models.vgg16 import ImageNetInput, VGGWeights, resolve_weights
 from search.registry import StudySpec
@@ -73,6 +73,7 @@ class Outcome:
     weights: VGGWeights | None = None  # a frozen backbone's (vgg16)
     options: dict = field(default_factory=dict)  # builder options saved in model.json
     backbone_ms: float | None = None  # per image, of the frozen part (vgg16)
+    feature_precision: str = ""  # what the cached features were made at (vgg16)
 
 
 def _reproduce_command(study: optuna.Study, cfg: RunConfig) -> str:
@@ -185,6 +186,8 @@ def _write_run(outcome: Outcome, cfg: RunConfig, params, epochs: int, batch_size
     if weights is not None:
         outcome.backbone_ms = backbone_ms_per_image(weights, cfg.input_size, dataset.test.x,
                                                     device)
+        made_at = backbone_speed(device).autocast
+        outcome.feature_precision = str(made_at or torch.float32).removeprefix("torch.")
     outcome.other_studies = report_sections.gather_other_studies(study, opened or study._storage)
     if outcome.spec.augments:
         outcome.augmentation = report_sections.gather_augmentation(study)

@@ -119,6 +119,13 @@ def test_report_and_note_say_random_weights_and_explain_from_the_run(finished):
     assert f"{info['n_parameters']:,} trained (the head) of {info['n_parameters_total']:,}" \
         in section
     assert "ms per image" in section
+    # what the trials' numbers were made at, against the saved float32 network's
+    from search.features import backbone_speed
+
+    made_at = str(backbone_speed(torch.device("cpu")).autocast or torch.float32)
+    precision = next(line for line in section.splitlines() if line.startswith("| precision"))
+    assert f"made at {made_at.removeprefix('torch.')}, stored as float16" in precision
+    assert f"float32 on images: {outcome.test['accuracy']:.4f}" in precision
     others = md.split("## Other studies on the same data")[1].split("\n## ")[0]
     assert f"| mlp-digits | mlp | {mlp.test['accuracy']:.4f} |" in others
     # the explanation is there exactly when the mlp study won

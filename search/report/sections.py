@@ -142,6 +142,13 @@ def transfer_blocks(outcome) -> list[Block]:
                        f"({100 * trained / total:.2f}%)"],
         ["seconds per trial", f"{per_trial:.2f} (head only, on cached features)"],
     ]
+    on_features = outcome.results["best found"].best_run().test["accuracy"]
+    rows.append(["precision", (
+        f"trials and the final retrain scored the head on cached features (made at "
+        f"{outcome.feature_precision or 'float32'}, stored as float16): test accuracy "
+        f"{on_features:.4f}; the saved network, float32 on images: "
+        f"{outcome.test['accuracy']:.4f} ({100 * (outcome.test['accuracy'] - on_features):+.2f}"
+        " points)")])
     if backbone:
         epoch = backbone * (len(outcome.dataset.train) + len(outcome.dataset.val)) / 1000
         rows.append(["backbone", f"{backbone:.2f} ms per image (timed on test images): "
