@@ -57,7 +57,9 @@ def cpu_workers(cores: int | None = None) -> int:
 
 
 def cpu_threads(workers: int) -> int:
-    """CPU threads of each of `workers` CPU workers: the machine's cores shared out."""
+    """CPU threads of each of `workers` workers: the machine's cores shared out. A GPU
+    worker counts too: its data preparation, augmentation pool and host-side work use the
+    CPU (eight workers on an 8-GPU machine each taking every core oversubscribed it)."""
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
@@ -203,7 +205,7 @@ def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporte
     from search.objective import Objective
 
     target = budget.budget_used(study) + cfg.n_trials
-    threads = cpu_threads(sum(1 for d in devices if d == "cpu"))
+    threads = cpu_threads(len(devices))  # CPU and GPU workers alike
     method = start_method(devices)
     context = _context(method)
     # handed to each worker (pickled unless forked; no second load, no scikit-learn import);
@@ -232,8 +234,7 @@ def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporte
     monitor.start()
     here = devices[0]
     all_threads = torch.get_num_threads()
-    if here == "cpu":
-        torch.set_num_threads(threads)  # this process is one of the CPU workers
+    torch.set_num_threads(threads)  # this process is one of the workers
     try:
         _pull_trials(study, Objective(registry.get(cfg.study), searched, cfg,
                                       torch.device(here), weights), cfg, target)

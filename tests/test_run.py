@@ -254,3 +254,66 @@ def test_the_parent_process_is_one_of_the_workers(tmp_path):
     assert {t.user_attrs["threads"] for t in ours} == {max(1, (os.cpu_count() or 1) // 2)}
     assert torch.get_num_threads() == threads
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+
+
+@pytest.mark.parametrize(("devices", "cores", "each"), [
+    (["cuda:0", "cuda:1", "cuda:2", "cuda:3"], 8, 2),  # four GPU workers share 8 cores
+    (["cuda:0"] * 8, 4, 1),
+    (["cpu", "cpu"], 8, 4),
+])
+def test_every_worker_gets_its_share_of_the_cores_gpu_workers_too(monkeypatch, devices,
+                                                                    cores, each):
+    """The threads handed to each worker (and set in this process, the first worker) are the
+    cores shared among all workers, GPU or CPU: a GPU worker took every core, and its
+    augmentation pool as many processes."""
+    import torch
+
+    from search import objective as objective_module
+    from search import workers
+    from search.config import RunConfig
+
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: cores)
+    started, seen = [], []
+
+    class Context:  # a process is made, never started: its arguments are recorded
+        def Process(self, target, name, args):  # noqa: N802 - multiprocessing's name
+            started.append(args)
+            return type("P", (), {"start": lambda self: None})()
+
+    class Monitor:
+        pids = ()
+
+        def __init__(self, study, count, start, target, reporter):
+            self.start_one = start
+
+        def start_workers(self):
+            pass
+
+        def start(self):
+            for slot in range(1, len(devices)):
+                self.start_one(slot)
+
+        def join(self):
+            pass
+
+        def report_new(self):
+            pass
+
+    class Objective:  # this process's trials: none run, the thread count is read
+        def __init__(self, *args, **kwargs):
+            seen.append(torch.get_num_threads())
+
+    monkeypatch.setattr(workers, "_Monitor", Monitor)
+    monkeypatch.setattr(workers, "_pull_trials", lambda *args: None)
+    monkeypatch.setattr(objective_module, "Objective", Objective)
+    monkeypatch.setattr(workers, "start_method", lambda devices: "spawn")
+    monkeypatch.setattr(workers, "_context", lambda method: Context())
+    study = optuna.create_study()
+    threads = torch.get_num_threads()
+    from search import data as data_module
+
+    workers.run_workers(study, RunConfig(study="mlp", data="digits", n_trials=1), devices,
+                        lambda *a: None, dataset=data_module.load("digits"))
+    assert seen == [each]  # this process, while it runs its trials
+    assert [args[5] for args in started] == [each] * (len(devices) - 1)
+    assert torch.get_num_threads() == threads  # given back after
