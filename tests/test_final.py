@@ -286,6 +286,10 @@ def test_a_second_final_keeps_the_first_and_a_failed_one_changes_nothing(finishe
     runs = directory.parent
     first = {name: sha256_of(directory / name) for name in FILES}
     before = sorted(p.name for p in runs.iterdir())
+    stored = storage.artifact_dir(cfg.storage, cfg.artifact_dir)
+    artifacts = sorted(p.name for p in stored.iterdir())
+    ids = dict(study.user_attrs["final"]["artifacts"])
+    (stored / ids["model.json"]).write_text("stale")  # to see it written over below
 
     def broken_export(*args, **kwargs):
         raise RuntimeError("disk full (simulated)")
@@ -302,6 +306,11 @@ def test_a_second_final_keeps_the_first_and_a_failed_one_changes_nothing(finishe
     assert len(kept) == 1 and sorted(p.name for p in runs.iterdir()) == sorted(
         [*before, kept[0].name])
     assert {name: sha256_of(kept[0] / name) for name in FILES} == first
+    # the artifacts were written over, not stored again: the same ids, the new bytes
+    again = optuna.load_study(study_name=study.study_name, storage=cfg.storage)
+    assert again.user_attrs["final"]["artifacts"] == ids
+    assert sorted(p.name for p in stored.iterdir()) == artifacts
+    assert sha256_of(stored / ids["model.json"]) == sha256_of(directory / "model.json")
     info = json.loads((directory / "model.json").read_text(encoding="utf-8"))
     assert info["sha256"] == sha256_of(directory / "model.pt")  # one run's files, not a mix
     assert load_model(directory / "model.pt").info["trial_number"] == study.best_trial.number

@@ -17,17 +17,29 @@ def attach(outcome, opened, cfg) -> None:
 
     They are artifacts of the study, not of the best trial: Optuna refuses to change a
     finished trial (UpdateFinishedTrialError), and the best trial is finished before the
-    final retrain starts. The note and the user attribute `final` name the trial.
+    final retrain starts. The note and the user attribute `final` name the trial. A final
+    step run again writes its files over the artifacts of the last one of the same names.
     """
-    from optuna.artifacts import upload_artifact
+    from optuna.artifacts import get_all_artifact_meta, upload_artifact
     from optuna_dashboard import save_note
 
     store = storage.artifact_store(cfg.storage, cfg.artifact_dir)
     names = ["model.pt", "model.json", "model.onnx", "metrics.json", "report.md",
              "report.html", *[f"figures/{p.name}" for p in outcome.figures.values()]]
+    # a final step run again replaces the files of the last one in place (same artifact,
+    # new bytes) instead of storing every model again (a vgg16 one is hundreds of MB)
+    before = outcome.study.user_attrs.get("final", {}).get("artifacts", {})
+    held = {meta.artifact_id: meta.filename
+            for meta in get_all_artifact_meta(outcome.study, storage=opened)}
     uploaded = {}
     for name in names:
         path = outcome.directory / name
+        previous = before.get(name)
+        if held.get(previous) == path.name:
+            with open(path, "rb") as content:
+                store.write(previous, content)
+            uploaded[name] = previous
+            continue
         uploaded[name] = upload_artifact(
             artifact_store=store, file_path=str(path), study_or_trial=outcome.study,
             storage=opened, mimetype=MIMETYPES.get(path.suffix, "application/octet-stream"))
