@@ -31,7 +31,7 @@ def _calls(name: str):
 
 
 def test_every_torch_load_is_weights_only():
-    """No pickled code can run from a file this service reads (issue 8's grep, as a test)."""
+    """No pickled code can run from a file this service reads."""
     import ast
 
     loads = list(_calls("load"))

@@ -53,7 +53,8 @@ def test_every_change_applies_on_the_optuna_ci_pins():
 def _pinned(name: str) -> str | None:
     from pathlib import Path
 
-    for line in (Path(__file__).parents[1] / ".ci" / "constraints.txt").read_text().split():
+    pins = Path(__file__).parents[1] / ".ci" / "constraints.txt"
+    for line in pins.read_text(encoding="utf-8").split():
         if line.startswith(f"{name}=="):
             return line.split("==")[1]
     return None
