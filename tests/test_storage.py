@@ -74,13 +74,24 @@ def _dies_mid_trial(url: str, name: str) -> None:
     import os
     import time
 
+    import sqlalchemy
+
+    opened = storage.open(url, heartbeat_interval=1, grace_period=2)
+
     def objective(trial):
         trial.suggest_float("x", -1, 1)
-        time.sleep(1.5)  # long enough to record a heartbeat
+        # killed only once its heartbeat is recorded (Optuna's thread records it at once, but
+        # a slow machine may take longer than any fixed sleep)
+        deadline = time.monotonic() + 120
+        query = sqlalchemy.text("SELECT COUNT(*) FROM trial_heartbeats WHERE trial_id = :i")
+        while time.monotonic() < deadline:
+            with opened.engine.connect() as connection:
+                if connection.execute(query, {"i": trial._trial_id}).scalar():
+                    break
+            time.sleep(0.1)
         os._exit(1)  # the worker is killed: no exception, no tell
 
-    study = optuna.load_study(study_name=name,
-                              storage=storage.open(url, heartbeat_interval=1, grace_period=2))
+    study = optuna.load_study(study_name=name, storage=opened)
     study.optimize(objective, n_trials=1)
 
 
@@ -96,7 +107,7 @@ def test_trial_of_a_dead_worker_is_failed_and_retried(storage_url, study_name):
     assert worker.exitcode == 1
     dead = study.get_trials()[0]
     assert dead.state == optuna.trial.TrialState.RUNNING  # nobody told it otherwise
-    time.sleep(2.5)  # past the grace period
+    time.sleep(2.5)  # past the grace period (2 s) since its last heartbeat, on any machine
     study.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2, n_trials=1)
     first, retry = study.get_trials()
     assert first.state == optuna.trial.TrialState.FAIL
