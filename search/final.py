@@ -45,7 +45,7 @@ from search.report.dashboard import attach
 from search.report.figures import write_figures
 from search.retrain import ConfigResult, retrain
 from search.study import config_of_study, load_existing, load_study_data
-from search.train import predict_scores, resolve_device
+from search.train import predict_scores, resolve_device, use_device
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,7 @@ def run_final(study: optuna.Study, cfg: RunConfig,
     best_trial = study.best_trial
     dataset = load_study_data(study, cfg, dataset)
     device = resolve_device(cfg.device)
+    use_device(device)
     params = spec.suggest(optuna.trial.FixedTrial(best_trial.params))
     # a trial's own settings (older studies stored epochs and batch_size as attrs of their own)
     ran_with = {**best_trial.user_attrs, **best_trial.user_attrs.get("settings", {})}

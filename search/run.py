@@ -29,6 +29,7 @@ from search.errors import ConfigError
 from search.models.vgg16 import resolve_weights
 from search.objective import TRIAL_FAILURES, Objective
 from search.study import best_value, last_value, open_study
+from search.train import use_device
 from search.workers import plan_devices, prestart, run_workers
 
 log = logging.getLogger("search")
@@ -185,6 +186,7 @@ def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, D
             run_workers(study, dataclasses.replace(cfg, n_trials=n_trials),
                         devices[:n_trials], reporter, dataset, weights)
         elif n_trials:
+            use_device(devices[0])
             objective = Objective(spec, dataset, cfg, torch.device(devices[0]), weights)
             study.optimize(objective, n_trials=n_trials, timeout=cfg.timeout,
                            callbacks=[reporter, budget.StopAtBudget()], catch=TRIAL_FAILURES)

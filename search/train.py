@@ -60,6 +60,23 @@ def make_optimizer(name: str, model: nn.Module, lr: float,
                             weight_decay, True if fused else None)
 
 
+def cuda_unusable(seen: int) -> str:
+    """Why `seen` GPUs torch sees cannot be used, and what to do (one line)."""
+    return (f"torch {torch.__version__} sees {seen} GPU(s) but cannot run CUDA "
+            f"{torch.version.cuda} on them: the NVIDIA driver is missing or older than this "
+            "build needs (nvidia-smi shows the driver's CUDA version); update the driver or "
+            "install the torch build for it (README, GPU machines)")
+
+
+def use_device(device: str | torch.device) -> None:
+    """Make `device` (cuda:N) this process's current CUDA device, so that nothing it makes
+    without naming a device (cuDNN handles, a stray tensor, empty_cache) lands on GPU 0;
+    nothing for the CPU or a bare "cuda"."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA when present; 'cpu', 'cuda' and 'cuda:N' are taken as they are.
     Raises ConfigError for anything else (torch also names mps, xla, meta, ...: this
@@ -72,6 +89,8 @@ def resolve_device(name: str) -> torch.device:
                           "auto, cpu, cuda or cuda:N")
     if match[1] == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 and torch.cuda.device_count() > 0:
+            raise ConfigError(f"--device {name}: {cuda_unusable(torch.cuda.device_count())}")
         if count == 0:
             raise ConfigError(f"--device {name} was given but no CUDA GPU is visible; use "
                               "--device cpu")

@@ -32,7 +32,7 @@ from search import budget, registry
 from search.config import RunConfig
 from search.data import without_test
 from search.errors import ConfigError
-from search.train import resolve_device
+from search.train import cuda_unusable, resolve_device, use_device
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +65,33 @@ def cpu_threads(workers: int) -> int:
 
 def plan_devices(cfg: RunConfig) -> list[str]:
     """One device string per worker. --workers unset: --workers-per-device (default the
-    study's) on every visible GPU, round-robin; on a CPU-only machine cpu_workers(). Raises
-    ConfigError when --device is not a device, or is cuda without a GPU
-    (search.train.resolve_device)."""
+    study's) on every GPU CUDA can run on, round-robin, or on the one GPU --device cuda:N
+    names; on a machine without one cpu_workers(), with one line saying why when torch sees
+    GPUs it cannot use. Raises ConfigError when --device is not a device, or is cuda without
+    a usable GPU (search.train.resolve_device)."""
     resolve_device(cfg.device)
-    gpus = torch.cuda.device_count()
-    on_gpu = gpus > 0 and cfg.device in ("auto", "cuda")
+    gpus = usable_gpus()
     per_gpu = cfg.workers_per_device or registry.get(cfg.study).workers_per_gpu
+    if cfg.device.startswith("cuda:"):  # one GPU, as many trials on it as on any GPU
+        return [cfg.device] * (cfg.workers if cfg.workers is not None else per_gpu)
+    on_gpu = gpus > 0 and cfg.device in ("auto", "cuda")
     count = cfg.workers if cfg.workers is not None else (
         gpus * per_gpu if on_gpu else cpu_workers())
     if on_gpu:  # cuda:0, cuda:1, ..., cuda:0, cuda:1, ...
         return [f"cuda:{i % gpus}" for i in range(count)]
     return [cfg.device if cfg.device != "auto" else "cpu"] * count
+
+
+def usable_gpus() -> int:
+    """GPUs CUDA can run on here. torch counts GPUs through NVML even where CUDA cannot run
+    (no driver, or one older than the CUDA of this torch build): those are not planned on,
+    and one warning says why (their workers would die at their first tensor)."""
+    seen = torch.cuda.device_count()
+    if seen == 0 or torch.cuda.is_available():
+        return seen
+    log.warning("%s; training on the CPU", cuda_unusable(seen))
+    return 0
+
 
 
 def start_method(devices: list[str]) -> str:
@@ -150,6 +165,7 @@ def _worker(cfg_dict: dict, study_name: str, device: str, index: int, target: in
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures: one line, by the parent
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     torch.set_num_threads(threads)
+    use_device(device)
     try:
         cfg = RunConfig(**cfg_dict)
         study = optuna.load_study(study_name=study_name, storage=storage.open(cfg.storage))
@@ -235,6 +251,7 @@ def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporte
     here = devices[0]
     all_threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # this process is one of the workers
+    use_device(here)
     try:
         _pull_trials(study, Objective(registry.get(cfg.study), searched, cfg,
                                       torch.device(here), weights), cfg, target)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -125,6 +126,41 @@ def test_workers_per_gpu_and_on_the_cpu(monkeypatch, study, flags, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     devices = workers.plan_devices(config_from_args(["--study", study, *flags]))
     assert devices == (expected or ["cpu"] * workers.cpu_workers())
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--device", "cuda:1"], ["cuda:1"] * 4),  # the study's trials per GPU, on that one
+    (["--device", "cuda:1", "--workers-per-device", "2"], ["cuda:1"] * 2),
+    (["--device", "cuda:0", "--workers", "3"], ["cuda:0"] * 3),
+])
+def test_one_named_gpu_is_planned_as_one_gpu(monkeypatch, flags, expected):
+    import torch
+
+    from search import workers
+    from search.run import config_from_args
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert workers.plan_devices(config_from_args(["--study", "mlp", *flags])) == expected
+
+
+def test_gpus_cuda_cannot_run_on_are_not_planned(monkeypatch, caplog, capsys):
+    """torch counts 4 GPUs (NVML) but CUDA cannot run (a driver older than the build): the
+    CPU plan and one line saying why; --device cuda is refused in one line."""
+    import torch
+
+    from search import workers
+    from search.run import config_from_args, main
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    devices = workers.plan_devices(config_from_args(["--study", "mlp"]))
+    assert devices == ["cpu"] * workers.cpu_workers()
+    lines = [r.getMessage() for r in caplog.records if "cannot run CUDA" in r.getMessage()]
+    assert len(lines) == 1 and "sees 4 GPU(s)" in lines[0] and "driver" in lines[0]
+    assert main(["--study", "mlp", "--data", "digits", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot run CUDA" in err[0]
 
 
 @pytest.mark.cpu_default
@@ -303,6 +339,8 @@ def test_every_worker_gets_its_share_of_the_cores_gpu_workers_too(monkeypatch, d
         def __init__(self, *args, **kwargs):
             seen.append(torch.get_num_threads())
 
+    current = []  # torch.cuda.set_device's calls
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append(str(device)))
     monkeypatch.setattr(workers, "_Monitor", Monitor)
     monkeypatch.setattr(workers, "_pull_trials", lambda *args: None)
     monkeypatch.setattr(objective_module, "Objective", Objective)
@@ -315,5 +353,35 @@ def test_every_worker_gets_its_share_of_the_cores_gpu_workers_too(monkeypatch, d
     workers.run_workers(study, RunConfig(study="mlp", data="digits", n_trials=1), devices,
                         lambda *a: None, dataset=data_module.load("digits"))
     assert seen == [each]  # this process, while it runs its trials
+    assert current == ([devices[0]] if devices[0].startswith("cuda") else [])
     assert [args[5] for args in started] == [each] * (len(devices) - 1)
     assert torch.get_num_threads() == threads  # given back after
+
+
+def test_a_worker_makes_its_own_gpu_the_current_one(monkeypatch, tmp_path):
+    """search.workers._worker, run in this process with what a worker on cuda:3 is given,
+    sets cuda:3 as the current device before it builds anything."""
+    import torch
+
+    from search import objective as objective_module
+    from search import workers
+    from search.config import RunConfig
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append(str(device)))
+    monkeypatch.setattr(workers.signal, "signal", lambda *args: None)
+    monkeypatch.setattr(workers.logging, "basicConfig", lambda **kwargs: None)
+    monkeypatch.setattr(workers, "_pull_trials", lambda *args: None)
+    built = []
+    monkeypatch.setattr(objective_module, "Objective",
+                        lambda *args: built.append(list(current)))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    optuna.create_study(storage=url, study_name="s")
+    threads, verbosity = torch.get_num_threads(), optuna.logging.get_verbosity()
+    try:
+        workers._worker(dataclasses.asdict(RunConfig(study="mlp", data="digits", storage=url)),
+                        "s", "cuda:3", 1, 1, threads, None, dict(os.environ))
+    finally:
+        torch.set_num_threads(threads)
+        optuna.logging.set_verbosity(verbosity)
+    assert built == [["cuda:3"]]  # current before the objective was built
