@@ -113,7 +113,11 @@ class Speed:
         convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one input shape per trial
-            bf16 = torch.cuda.is_bf16_supported()
+            # bf16 on the worker's own GPU where it is native (compute capability 8.0,
+            # Ampere, and later); torch.cuda.is_bf16_supported() asks the current device
+            # and says yes on older GPUs, which emulate it slowly. Below: float32 (fp16
+            # would need a gradient scaler, and no GPU has measured it here yet)
+            bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
             return cls(convolutional, torch.bfloat16 if bf16 else None, fused=True)
         if device.type == "cpu":
             # benchmarks/train_speed.py: with native bf16, every model family here trained

@@ -129,6 +129,29 @@ def test_speed_settings_per_model_and_device():
     assert Speed(fused=True).describe() == "float32, fused optimizer"
 
 
+@pytest.mark.parametrize(("capability", "autocast"), [((7, 0), None), ((7, 5), None),
+                                                     ((8, 0), torch.bfloat16),
+                                                     ((9, 0), torch.bfloat16)])
+def test_gpu_precision_follows_the_workers_own_gpu(monkeypatch, capability, autocast):
+    """bf16 autocast on compute capability 8.0 and above, float32 below, asked of the
+    worker's own device (cuda:1 here), not of the current one; recorded as the trial's
+    `speed`."""
+    asked = []
+
+    def device_capability(device=None):
+        asked.append(str(device))
+        return capability if str(device) == "cuda:1" else (9, 0)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", device_capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    speed = Speed.of(CNN((1, 8, 8), (4,), 2), torch.device("cuda:1"))
+    assert speed == Speed(True, autocast, fused=True) and asked == ["cuda:1"]
+    assert speed.describe() == ("channels_last, bfloat16 autocast, fused optimizer"
+                                if autocast else "channels_last, float32, fused optimizer")
+    assert Speed.parse(speed.describe()) == speed
+
+
 @pytest.mark.parametrize("speed", [Speed(), Speed(fused=True), Speed(False, torch.bfloat16),
                                    Speed(True, torch.bfloat16, True),
                                    Speed(False, torch.float16, True)])
