@@ -7,6 +7,7 @@ accuracy over its epochs. The test split is not given to this class at all.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -49,6 +50,14 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or (
         "can't allocate memory" in text
     )
+
+
+def free_memory(device: torch.device) -> None:
+    """Give back what collected objects held: Python's cycles, then the CUDA caching
+    allocator's free blocks (to other processes sharing the GPU)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 REPORT_EVERY_S = 1.0  # a trial's reports reach the storage at least this often
@@ -137,6 +146,22 @@ class Objective:
             trial.set_user_attr(budget.OVER_BUDGET, True)
             trial.study.stop()
             raise optuna.TrialPruned("the study's --max-trials is used up")
+        try:
+            return self._train(trial)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            if not _is_out_of_memory(exc):
+                raise
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # the exception and its frames (model, optimizer state, activations) are gone here:
+        # only now can their memory be given back, for the next trial on a shared GPU
+        free_memory(self.device)
+        trial.set_user_attr("failure", f"out of memory: {message}")
+        raise TrialOutOfMemory(message)
+
+    def _train(self, trial: optuna.Trial) -> float:
+        """The trial from its params to its best validation accuracy; an out-of-memory
+        error anywhere in it (moving the model or features to the device, building, training)
+        is the caller's to handle."""
         # the params reach the database with the start attributes, in one commit instead of
         # one each (storage.params_later)
         with storage.params_later(trial):
@@ -192,14 +217,6 @@ class Objective:
             # a bad region of the space, not a broken run: prune, so the sampler learns it
             end["failure"] = str(exc)
             raise optuna.TrialPruned(str(exc)) from None
-        except RuntimeError as exc:
-            if not _is_out_of_memory(exc):
-                raise
-            end["failure"] = f"out of memory: {str(exc).splitlines()[0]}"
-            del model, built
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            raise TrialOutOfMemory(str(exc).splitlines()[0]) from None
         finally:
             if seconds:
                 end["seconds_per_epoch"] = sum(seconds) / len(seconds)

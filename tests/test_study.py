@@ -184,6 +184,67 @@ def test_out_of_memory_fails_the_trial_and_study_goes_on(storage_url, study_name
     assert trials[3].state == TrialState.COMPLETE
 
 
+class _MovesOutOfMemory(nn.Linear):
+    """A model whose move to the device runs out of memory."""
+
+    def to(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@pytest.mark.parametrize("point", ["build", "move", "features", "training"])
+def test_out_of_memory_anywhere_in_a_trial_fails_it_frees_and_the_study_goes_on(
+        tmp_path, digits, monkeypatch, point):
+    """torch.OutOfMemoryError while building the model, moving it or a frozen backbone's
+    features to the device, or training: the trial fails with one reason, memory is freed
+    once the exception (and the model it held) is gone, and the next trial completes."""
+    import weakref
+
+    from search import objective as objective_module
+
+    spec = STUDIES["mlp"]
+    models, freed, trials_seen = [], [], []
+
+    def build(params, *args):
+        built = spec.build(params, *args)
+        if len(trials_seen) == 3:  # the third trial's
+            if point == "build":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+            if point == "move":
+                built = Built(_MovesOutOfMemory(4, 4), built.loss_fn, built.make_optimizer)
+            if point == "training":
+                built = Built(_OutOfMemory(), built.loss_fn, lambda m, fused=False:
+                              torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
+        models.append(weakref.ref(built.model))
+        return built
+
+    real_inputs = Objective._inputs
+
+    def inputs(self, params):  # called once per trial, before the build
+        trials_seen.append(params)
+        if point == "features" and len(trials_seen) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (features to the device)")
+        return real_inputs(self, params)
+
+    def free(device):
+        real_free(device)
+        freed.append([ref() is None for ref in models[2:]])  # after gc.collect
+
+    real_free = objective_module.free_memory
+    monkeypatch.setattr(objective_module, "free_memory", free)
+    monkeypatch.setattr(Objective, "_inputs", inputs)
+    study, objective = _objective_study(f"sqlite:///{tmp_path / 's.db'}", "oom", digits,
+                                        optuna.pruners.NopPruner(),
+                                        spec=dataclasses.replace(spec, build=build))
+    study.optimize(objective, n_trials=4, catch=TRIAL_FAILURES)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE,
+                                         TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[2].user_attrs["failure"].startswith("out of memory: CUDA out of memory")
+    assert trials[2].params  # its params were written all the same
+    # freed once, after the failed trial's model could be collected
+    assert freed == ([[True]] if point in ("move", "training") else [[]])
+
+
 def test_other_errors_are_not_swallowed(tmp_path, digits):
     spec = STUDIES["mlp"]
 
