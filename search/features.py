@@ -144,7 +144,16 @@ def feature_split(cache: FeatureCache, split: str, head: str, input_size: int,
 def backbone_ms_per_image(weights: VGGWeights, input_size: int, images: torch.Tensor,
                           device: torch.device, n: int = 256) -> float:
     """Milliseconds per image of one pass through the frozen part, on `n` of `images`
-    (what the cache saves every trial, every epoch)."""
+    (what the cache saves every trial, every epoch): timed after a warm-up pass (cuDNN's
+    kernel choice, CUDA's start, the first allocations), to the end of the GPU's work."""
+    run_backbone(weights, images[:min(n, 8)], input_size, device, "(warm-up)")
+    _synchronize(device)
     started = time.perf_counter()
     run_backbone(weights, images[:n], input_size, device, "(timing)")
+    _synchronize(device)
     return 1000 * (time.perf_counter() - started) / max(1, min(n, len(images)))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -259,3 +259,13 @@ def test_only_the_exercise_network_under_64_px_folds(weights):
     assert not FrozenVGG16(10, input_size=64, state=weights.state, fold=True).folded
     assert not FrozenVGG16(10, head="small", input_size=32, hidden=8, state=weights.state,
                            fold=True).folded
+
+
+def test_the_backbone_is_timed_after_a_warm_up_pass(weights, images, monkeypatch):
+    from search import features as features_module
+
+    passes = []
+    monkeypatch.setattr(features_module, "run_backbone",
+                        lambda w, x, size, device, desc="": passes.append((len(x), desc)))
+    ms = features_module.backbone_ms_per_image(weights, 32, images, torch.device("cpu"), n=16)
+    assert passes == [(8, "(warm-up)"), (16, "(timing)")] and ms >= 0

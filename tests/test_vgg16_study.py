@@ -31,10 +31,13 @@ def finished(tmp_path_factory):
     from search import features as features_module
     from search import objective as objective_module
     from search.models.vgg16 import FrozenVGG16
+    from search.objective import worker_id
 
     root = tmp_path_factory.mktemp("vgg16")
+    # one worker: every trial runs in this process, where the backbone's calls are counted
+    # (a module fixture is set up before the per-test one that sets this for other tests)
     common = dict(data="digits", storage=f"sqlite:///{root / 'studies.db'}", final_seeds=1,
-                  runs_dir=str(root / "runs"), epochs=2)
+                  runs_dir=str(root / "runs"), epochs=2, workers=1)
     mlp_cfg = RunConfig(study="mlp", n_trials=2, **common)
     study, opened, dataset = search(mlp_cfg)
     mlp = final_module.run_final(study, mlp_cfg, opened, dataset)
@@ -66,6 +69,7 @@ def finished(tmp_path_factory):
                         trial_call(objective_module.Objective.__call__))
         study, opened, dataset = search(cfg)
     assert len(study.trials) == 3 and not in_trial
+    assert {t.user_attrs["worker"] for t in study.trials} == {worker_id()}
     outcome = final_module.run_final(study, cfg, opened, dataset)
     return cfg, study, outcome, root / "runs" / "vgg16-digits", mlp
 
