@@ -7,7 +7,10 @@ validation accuracy, the trial's value (a complete trial's best epoch, a pruned 
 and its outcome (complete, stopped by the pruner at the same epoch, diverged, did not fit,
 out of memory). One line says equal, or from which epoch they differ. On the CPU the two are
 equal (the replay uses the trial's thread count: another count sums floats in another
-order); trials run on a GPU (cuDNN picks kernels per run) can differ in the last digits.
+order). On a GPU (--device cuda) the replay trains with the trial's precision and layout
+and cuDNN's autotuner on, as the trial did, but the autotuner may pick other kernels in
+this process and some CUDA kernels add in a nondeterministic order: a GPU replay can differ
+from its trial in the last digits, and says from which epoch.
 """
 
 from __future__ import annotations
@@ -152,6 +155,10 @@ def replay(study: optuna.Study, number: int, device: str = "cpu",
     # sums in the same order
     torch.set_num_threads(int(stored.user_attrs.get("threads", threads)))
     speed = _stored_speed(stored)
+    if torch.device(cfg.device).type == "cuda":
+        # every CUDA trial ran with cuDNN's autotuner on (search.train.Speed.of sets it);
+        # it may still pick other kernels in this process (see the module doc)
+        torch.backends.cudnn.benchmark = True
     value, failure = None, None
     try:
         value = Objective(spec, dataset, cfg, torch.device(cfg.device), weights, speed)(trial)
