@@ -128,18 +128,20 @@ def test_workers_per_gpu_and_on_the_cpu(monkeypatch, study, flags, expected):
     assert devices == (expected or ["cpu"] * workers.cpu_workers())
 
 
-@pytest.mark.parametrize(("flags", "expected"), [
-    (["--device", "cuda:1"], ["cuda:1"] * 4),  # the study's trials per GPU, on that one
-    (["--device", "cuda:1", "--workers-per-device", "2"], ["cuda:1"] * 2),
-    (["--device", "cuda:0", "--workers", "3"], ["cuda:0"] * 3),
+@pytest.mark.parametrize(("gpus", "flags", "expected"), [
+    (4, ["--device", "cuda:1"], ["cuda:1"] * 4),  # the study's trials per GPU, on that one
+    (4, ["--device", "cuda:1", "--workers-per-device", "2"], ["cuda:1"] * 2),
+    (4, ["--device", "cuda:0", "--workers", "3"], ["cuda:0"] * 3),
+    (1, [], ["cuda:0"] * 4),  # a machine with one GPU
+    (1, ["--device", "cuda"], ["cuda:0"] * 4),
 ])
-def test_one_named_gpu_is_planned_as_one_gpu(monkeypatch, flags, expected):
+def test_one_named_gpu_is_planned_as_one_gpu(monkeypatch, gpus, flags, expected):
     import torch
 
     from search import workers
     from search.run import config_from_args
 
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert workers.plan_devices(config_from_args(["--study", "mlp", *flags])) == expected
 
