@@ -41,6 +41,9 @@ def parse(url: str) -> URL:
     except (ArgumentError, ValueError) as exc:
         why = "the port is not a number" if isinstance(exc, ValueError) else "malformed"
         raise StorageError(f"storage URL {shown(url)!r}: {why}; expected {_EXAMPLES}") from None
+    if "@" in (parsed.host or ""):  # the database driver would echo the host it resolves
+        raise StorageError(f"storage URL {shown(url)!r}: the password holds an '@'; write it "
+                           "as %40 (URL-encoded), e.g. p%40ss for p@ss")
     try:
         parsed.get_dialect()
     except Exception:
@@ -60,7 +63,8 @@ def shown(url: str) -> str:
     try:
         parsed = make_url(url)
         parsed.port  # noqa: B018 (a port that is not a number raises here)
-        return parsed.render_as_string(hide_password=True)
+        if "@" not in (parsed.host or ""):  # else a password with an unescaped "@" in it
+            return parsed.render_as_string(hide_password=True)
     except (ArgumentError, ValueError):
         pass
     scheme, sep, rest = url.partition("://")
