@@ -160,6 +160,7 @@ def test_gpus_cuda_cannot_run_on_are_not_planned(monkeypatch, caplog, capsys):
     assert devices == ["cpu"] * workers.cpu_workers()
     lines = [r.getMessage() for r in caplog.records if "cannot run CUDA" in r.getMessage()]
     assert len(lines) == 1 and "sees 4 GPU(s)" in lines[0] and "driver" in lines[0]
+    capsys.readouterr()  # that warning, where an earlier test left a handler on stderr
     assert main(["--study", "mlp", "--data", "digits", "--device", "cuda"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot run CUDA" in err[0]

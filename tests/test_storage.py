@@ -107,7 +107,9 @@ def test_trial_of_a_dead_worker_is_failed_and_retried(storage_url, study_name):
     assert worker.exitcode == 1
     dead = study.get_trials()[0]
     assert dead.state == optuna.trial.TrialState.RUNNING  # nobody told it otherwise
-    time.sleep(2.5)  # past the grace period (2 s) since its last heartbeat, on any machine
+    # past the grace period (2 s) since its last heartbeat, on any machine: SQLite keeps
+    # heartbeats to the second, so 2.5 s can read as 2 (not stale); 4 s reads as 3 at least
+    time.sleep(4)
     study.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2, n_trials=1)
     first, retry = study.get_trials()
     assert first.state == optuna.trial.TrialState.FAIL
