@@ -70,11 +70,11 @@ def plan_devices(cfg: RunConfig) -> list[str]:
     GPUs it cannot use. Raises ConfigError when --device is not a device, or is cuda without
     a usable GPU (search.train.resolve_device)."""
     resolve_device(cfg.device)
-    gpus = usable_gpus()
     per_gpu = cfg.workers_per_device or registry.get(cfg.study).workers_per_gpu
     if cfg.device.startswith("cuda:"):  # one GPU, as many trials on it as on any GPU
         return [cfg.device] * (cfg.workers if cfg.workers is not None else per_gpu)
-    on_gpu = gpus > 0 and cfg.device in ("auto", "cuda")
+    gpus = usable_gpus() if cfg.device in ("auto", "cuda") else 0  # --device cpu: no word
+    on_gpu = gpus > 0
     count = cfg.workers if cfg.workers is not None else (
         gpus * per_gpu if on_gpu else cpu_workers())
     if on_gpu:  # cuda:0, cuda:1, ..., cuda:0, cuda:1, ...
