@@ -57,12 +57,11 @@ class FeatureCache:
         if split not in self._pixels:  # hashed once per split, not once per head
             self._pixels[split] = pixels_sha256(images)
         pixels = self._pixels[split]
-        names = {cut: key_name({
-            "model": "vgg16", "cut": CUTS[cut], "input_size": int(input_size),
-            "weights_sha256": self.weights.sha256, "dataset": self.dataset, "split": split,
-            "n": int(images.shape[0]), "pixels_sha256": pixels, "torch": torch.__version__,
-            "torchvision": _torchvision_version(), **backbone_settings(self.device)})
-            for cut in CUTS}
+        key = {"model": "vgg16", "input_size": int(input_size),
+               "weights_sha256": self.weights.sha256, "dataset": self.dataset, "split": split,
+               "n": int(images.shape[0]), "pixels_sha256": pixels, "torch": torch.__version__,
+               "torchvision": _torchvision_version(), **backbone_settings(self.device)}
+        names = {cut: key_name({**key, "cut": CUTS[cut]}) for cut in CUTS}
         started = time.perf_counter()
 
         def make() -> np.ndarray:
