@@ -15,11 +15,28 @@ from pathlib import Path
 
 from search.errors import ConfigError
 
-SAMPLERS = ("tpe", "tpe-multivariate", "random", "qmc")
-PRUNERS = ("sha", "median", "hyperband", "none")
-# the study's reference configs during the search: run in full, pruned like any trial, or
-# not run (the final step retrains them in full whichever is chosen)
-REFERENCE_MODES = ("full", "prunable", "skip")
+# The choices of --sampler, --pruner and --references, each with what --help says of it
+SAMPLERS = {
+    "tpe": "Optuna's TPE, each parameter modelled on its own, after 8 random trials",
+    "tpe-multivariate": "TPE modelling the parameters jointly, grouped by number of layers "
+                        "(slower per trial as the study grows)",
+    "random": "independent uniform draws",
+    "qmc": "a scrambled Sobol sequence (quasi-random, evenly spread)",
+}
+PRUNERS = {
+    "sha": "asynchronous successive halving: after 1, 3, 9, ... epochs a trial goes on only "
+           "if it is in the best third of the trials that reached that epoch",
+    "median": "from epoch 3 on, after 5 finished trials, stop a trial below the median",
+    "hyperband": "three successive-halving brackets up to --epochs",
+    "none": "every trial runs all its epochs",
+}
+# the study's reference configs during the search (the final step retrains them in full
+# whichever is chosen)
+REFERENCE_MODES = {
+    "full": "enqueued first and run in full",
+    "prunable": "enqueued first, pruned like any trial",
+    "skip": "not run in the search",
+}
 
 TRIAL_SETTINGS = ("epochs", "batch_size", "sampler", "pruner", "seed")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from search import data as data_module
 from search import metrics as metrics_module
-from search.cli import Parser, setup_logging
+from search.cli import Parser, describe, run_command, setup_logging
 from search.errors import ConfigError
 from search.export import load_model
 from search.train import predict_scores
@@ -52,26 +52,29 @@ def evaluate(path: str, data: str | None = None, data_dir: str | None = None) ->
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="python -m search.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="path to model.pt (model.json must be beside it)")
-    parser.add_argument("--data", choices=data_module.DATASETS,
-                        help="data set to score on (default: the one in model.json)")
-    parser.add_argument("--data-dir")
+    parser = Parser(prog="python -m search.evaluate", description=describe(__doc__))
+    parser.add_argument("model", metavar="MODEL_PT",
+                        help="path to model.pt (model.json must be beside it)")
+    parser.add_argument("--data", choices=data_module.DATASETS, metavar="NAME",
+                        help=f"data set to score on, one of {', '.join(data_module.DATASETS)} "
+                        "(default: the one in model.json)")
+    parser.add_argument("--data-dir", metavar="DIR", help="folder with the data set's IDX "
+                        "files (default: where the model's data came from, else "
+                        "$SEARCH_DATA_DIR or ./data)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         data_module.check_data_dir(args.data_dir)  # before the model is read
         result = evaluate(args.model, args.data, args.data_dir)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"{args.model} on {result['dataset']}: {metrics_module.accuracy_line(result)}")
-    print(result["text"])
-    return 0
+        print(f"{args.model} on {result['dataset']}: {metrics_module.accuracy_line(result)}")
+        print(result["text"])
+
+    return run_command(body, "nothing was written")
 
 
 if __name__ == "__main__":

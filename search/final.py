@@ -4,8 +4,9 @@ The final step (also run by `python -m search.run` unless --no-final): retrain t
 trial's params and the study's reference configs with several seeds, save the best seed's
 model to runs/<study-name>/model.pt + model.json, reload it into a new instance, evaluate
 that on the test split (the only place the test split is read), export and check ONNX,
-write metrics.json and report.md/.html, and attach them to the best trial as Optuna
-artifacts with a study note for optuna-dashboard.
+write metrics.json and report.md/.html, and attach them to the study as Optuna artifacts
+with a study note for optuna-dashboard. A progress bar counts the steps on a terminal; a
+log line marks each either way.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from search import data as data_module
 from search import export, registry
 from search import metrics as metrics_module
 from search.cache import SizeBound
-from search.cli import Parser, setup_logging
+from search.cli import Parser, Steps, describe, run_command, setup_logging
 from search.config import RunConfig, check_writable, trial_seed, versions
 from search.data import Dataset
 from search.errors import ConfigError
@@ -143,47 +144,61 @@ def run_final(study: optuna.Study, cfg: RunConfig,
         {"train": dataset.train.x, "val": dataset.val.x, "test": dataset.test.x},
         dataset.name, weights, cache / "features", device, bound=bound)
 
-    def train(config_params, label):
-        return retrain(spec, config_params, label, dataset, seeds=seeds, epochs=epochs,
-                       batch_size=batch_size, device=device, augment=augment,
-                       features=features, input_size=cfg.input_size)
-
-    results = {"best found": train(params, "best found")}
-    for name, reference in spec.references.items():
-        label = f"{name} net"
-        same = reference == params
-        results[label] = (dataclasses.replace(results["best found"], label=label) if same
-                          else train(reference, label))
-    best_result = results["best found"]
-    if not best_result.runs:
-        raise ConfigError(f"every final retrain seed of trial {best_trial.number} diverged: "
-                          f"{'; '.join(best_result.failures)}")
-    directory = Path(cfg.runs_dir) / study.study_name
-    # everything is written to a fresh folder beside it, then moved into place at once
-    Path(cfg.runs_dir).mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{study.study_name}.partial-", dir=cfg.runs_dir))
-    outcome = Outcome(study, spec, dataset, staging, best_trial, results, weights=weights,
-                      # the saved network with classifier[0] folded where that is exact
-                      options={"input_size": cfg.input_size, "fold": True} if weights else {})
+    trained = 1 + sum(reference != params for reference in spec.references.values())
+    steps = Steps(len(seeds) * trained + len(WRITE_STEPS), "final step")
     try:
-        _write_run(outcome, cfg, params, epochs, batch_size, device, opened)
-        _publish(staging, directory)
+        def train(config_params, label):
+            return retrain(spec, config_params, label, dataset, seeds=seeds, epochs=epochs,
+                           batch_size=batch_size, device=device, augment=augment,
+                           features=features, input_size=cfg.input_size, progress=steps)
+
+        results = {"best found": train(params, "best found")}
+        for name, reference in spec.references.items():
+            label = f"{name} net"
+            same = reference == params
+            results[label] = (dataclasses.replace(results["best found"], label=label) if same
+                              else train(reference, label))
+        best_result = results["best found"]
+        if not best_result.runs:
+            raise ConfigError(f"every final retrain seed of trial {best_trial.number} "
+                              f"diverged: {'; '.join(best_result.failures)}")
+        directory = Path(cfg.runs_dir) / study.study_name
+        # everything is written to a fresh folder beside it, then moved into place at once
+        Path(cfg.runs_dir).mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{study.study_name}.partial-",
+                                        dir=cfg.runs_dir))
+        outcome = Outcome(study, spec, dataset, staging, best_trial, results, weights=weights,
+                          # the saved network with classifier[0] folded where that is exact
+                          options={"input_size": cfg.input_size, "fold": True} if weights
+                          else {})
+        try:
+            _write_run(outcome, cfg, params, epochs, batch_size, device, opened, steps)
+            _publish(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone after the move; left by a failure
+        outcome.directory = directory
+        attach(outcome, opened or study._storage, cfg)
+        steps(WRITE_STEPS[3])
     finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone after the move; left by a failure
-    outcome.directory = directory
-    attach(outcome, opened or study._storage, cfg)
+        steps.close()
     log.info("final model: %s", metrics_module.accuracy_line(outcome.test))
     log.info("saved: %s (+ model.json, model.onnx, metrics.json, report.md)",
-             directory / "model.pt")
-    log.info("report: %s", directory / "report.html")
+             outcome.directory / "model.pt")
+    log.info("report: %s", outcome.directory / "report.html")
     return outcome
 
 
+# what the final step does after the retrains, each one step of its progress
+WRITE_STEPS = ("model saved, reloaded into a new instance and scored on the test split",
+               "ONNX exported and checked against the reloaded model",
+               "report written", "files attached to the study for optuna-dashboard")
+
+
 def _write_run(outcome: Outcome, cfg: RunConfig, params, epochs: int, batch_size: int,
-               device: torch.device, opened) -> None:
+               device: torch.device, opened, steps: Steps) -> None:
     """The run folder's files, in outcome.directory."""
     study, dataset, weights = outcome.study, outcome.dataset, outcome.weights
-    _save_and_reload(outcome, params, epochs, batch_size)
+    _save_and_reload(outcome, params, epochs, batch_size, steps)
     if weights is not None:
         outcome.backbone_ms = backbone_ms_per_image(weights, cfg.input_size, dataset.test.x,
                                                     device)
@@ -195,6 +210,7 @@ def _write_run(outcome: Outcome, cfg: RunConfig, params, epochs: int, batch_size
     write_figures(outcome)
     outcome.command = _reproduce_command(study, cfg)
     render.write(report_content.build(outcome), outcome.directory, f"Study {study.study_name}")
+    steps(WRITE_STEPS[2])
 
 
 KEEP_PREVIOUS = 1  # final runs of a study kept beside the newest (a vgg16 one: ~0.3-1 GB)
@@ -240,7 +256,8 @@ def _applied_normalization(model: torch.nn.Module) -> dict:
     return {"mean": layer.mean.flatten().tolist(), "std": layer.std.flatten().tolist()}
 
 
-def _save_and_reload(outcome: Outcome, params, epochs: int, batch_size: int) -> None:
+def _save_and_reload(outcome: Outcome, params, epochs: int, batch_size: int,
+                     steps: Steps) -> None:
     spec, dataset, run = outcome.spec, outcome.dataset, outcome.results["best found"].best_run()
     backbone = {} if outcome.weights is None else {"weights_state": outcome.weights.state}
     built = spec.build(params, dataset.image_shape, len(dataset.classes),
@@ -278,6 +295,7 @@ def _save_and_reload(outcome: Outcome, params, epochs: int, batch_size: int) -> 
     y_true, y_pred = dataset.test.y.numpy(), reloaded.argmax(1).numpy()
     outcome.test = metrics_module.compute(y_true, y_pred, dataset.classes)
     outcome.report_text = metrics_module.report_text(y_true, y_pred, dataset.classes)
+    steps(WRITE_STEPS[0])
     outcome.model_info = {**loaded.info, "metrics": {
         "val_accuracy": run.val_accuracy, "test_accuracy": outcome.test["accuracy"],
         "macro_f1": outcome.test["macro_f1"], "n_test": outcome.test["n_test"]}}
@@ -287,6 +305,7 @@ def _save_and_reload(outcome: Outcome, params, epochs: int, batch_size: int) -> 
     exporter = export.export_onnx(loaded.model, onnx_path, dataset.test.x[:2].float() / 255)
     outcome.onnx = {**export.check_onnx(onnx_path, loaded.model, dataset.test.x),
                     "exporter": exporter}
+    steps(WRITE_STEPS[1])
     summary = {label: r.summary() for label, r in outcome.results.items()}
     (outcome.directory / "metrics.json").write_text(json.dumps(
         {**outcome.test, "model": "model.pt (reloaded)", "onnx_check": outcome.onnx,
@@ -294,21 +313,33 @@ def _save_and_reload(outcome: Outcome, params, epochs: int, batch_size: int) -> 
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="python -m search.final", description=__doc__.splitlines()[0])
-    parser.add_argument("--study-name", required=True)
-    parser.add_argument("--storage", default=storage.DEFAULT_URL)
-    parser.add_argument("--final-seeds", type=int, default=3)
-    parser.add_argument("--data-dir")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--runs-dir", default="runs")
-    parser.add_argument("--artifact-dir")
+    parser = Parser(prog="python -m search.final", description=describe(__doc__))
+    parser.add_argument("--study-name", required=True, metavar="NAME",
+                        help="the study to finish, as search.run named it; required")
+    parser.add_argument("--storage", default=storage.DEFAULT_URL, metavar="URL",
+                        help="where the study is kept (as search.run's --storage)")
+    parser.add_argument("--final-seeds", type=int, default=3, metavar="N",
+                        help="seeds the best config and each reference config are retrained "
+                        "with")
+    parser.add_argument("--data-dir", metavar="DIR", help="folder with the study's IDX files, "
+                        "if they moved since the search (default: where the study found "
+                        "them, else $SEARCH_DATA_DIR or ./data)")
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help="auto (the first GPU CUDA can run on, else the CPU), cpu, cuda "
+                        "or cuda:N")
+    parser.add_argument("--runs-dir", default="runs", metavar="DIR",
+                        help="the final model and report go to DIR/<study-name>/")
+    parser.add_argument("--artifact-dir", metavar="DIR", help="Optuna artifact store "
+                        "(default: beside the SQLite file, e.g. studies-artifacts/, else "
+                        "./artifacts)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         resolve_device(args.device)  # flags first: nothing is read for a refused command
         data_module.check_data_dir(args.data_dir)
         for flag, directory in (("--runs-dir", args.runs_dir),
@@ -320,10 +351,9 @@ def main(argv: list[str] | None = None) -> int:
                               data_dir=args.data_dir, final_seeds=args.final_seeds,
                               runs_dir=args.runs_dir, artifact_dir=args.artifact_dir)
         run_final(study, cfg, opened)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_command(body, "the previous final run's files are as they were; run the "
+                             "same command again")
 
 
 if __name__ == "__main__":

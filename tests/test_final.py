@@ -279,6 +279,40 @@ def test_final_cli_rebuilds_the_run_settings_from_the_study(finished, tmp_path):
     assert len(info["training"]["seeds"]) == 1
 
 
+def test_the_final_step_counts_its_steps_in_the_log(finished, tmp_path, caplog):
+    cfg, study, _, _ = finished
+    caplog.set_level("INFO", logger="search")
+    final_module.run_final(study, dataclasses.replace(cfg, final_seeds=2,
+                                                      runs_dir=str(tmp_path)))
+    steps = [m.group(1, 2) for r in caplog.records
+             if (m := re.match(r"final step (\d+)/(\d+): ", r.getMessage()))]
+    # 2 seeds of the best found and of each of the two reference nets, then the 4 writes
+    total = 2 * 3 + len(final_module.WRITE_STEPS)
+    assert steps == [(str(k), str(total)) for k in range(1, total + 1)]
+
+
+def test_steps_draw_a_bar_on_a_terminal_and_only_log_lines_elsewhere(monkeypatch, caplog):
+    import io
+    import sys
+
+    from search.cli import Steps
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    caplog.set_level("INFO", logger="search")
+    for stream, bar in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        steps = Steps(2, "final step")
+        steps("one")
+        steps("two")
+        steps.close()
+        assert ("final step: 100%" in stream.getvalue() and "2/2" in stream.getvalue()) == bar
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == ["final step 1/2: one", "final step 2/2: two"] * 2
+
+
 # Last in this module: it replaces the shared fixture's run folder.
 def test_a_second_final_keeps_the_first_and_a_failed_one_changes_nothing(finished,
                                                                          monkeypatch):
