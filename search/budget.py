@@ -111,10 +111,22 @@ def claim_final(study: optuna.Study, storage: optuna.storages.BaseStorage) -> bo
 
 
 def _insert_once(storage, study_id: int, key: str, value: dict) -> bool:
-    """Insert a study user attribute only if `key` is not there yet; True if this call did."""
+    """Insert a study user attribute only if `key` is not there yet; True if this call did.
+    On a storage that is not a database of this process (a grpc:// proxy) the claim is a
+    study named <study>:<key>, which the database's unique study names let only one
+    machine create; the attribute then says who holds it."""
     from optuna.storages._rdb import models
 
     rdb = getattr(storage, "_backend", storage)  # under Optuna's _CachedStorage
+    if not isinstance(rdb, optuna.storages.RDBStorage):
+        name = f"{storage.get_study_name_from_id(study_id)}:{key}"
+        try:
+            claim_id = storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], name)
+        except optuna.exceptions.DuplicatedStudyError:
+            return False
+        storage.set_study_user_attr(claim_id, "claim_of", value)
+        storage.set_study_user_attr(study_id, key, value)
+        return True
     session = rdb.scoped_session()
     try:
         session.add(models.StudyUserAttributeModel(study_id=study_id, key=key,

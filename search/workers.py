@@ -40,7 +40,7 @@ _FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
              optuna.trial.TrialState.FAIL)
 POLL_S = 1.0  # how often the parent looks for finished trials
 # a CPU-only machine: one single-threaded worker per core (True), or one process using every
-# core (False); benchmarks/search_efficiency.py measured both (README)
+# core (False); benchmarks/search_efficiency.py measured both (benchmarks/RESULTS.md)
 CPU_WORKERS_PER_CORE = True
 CPU_WORKERS_MAX = 8  # each worker holds its own copy of the data
 # What the fork server imports before it forks any worker. torch._dynamo because every
@@ -94,7 +94,7 @@ def usable_gpus() -> int:
 
 
 
-def start_method(devices: list[str]) -> str:
+def start_method(devices: list[str], storage_url: str = "") -> str:
     """How run_workers starts the workers after the first on `devices`. "fork" (Linux) when
     every worker is a single-threaded CPU worker (the CPU default: one per core): a fork of
     this process has its imports and data already and costs no second import (its first
@@ -102,9 +102,12 @@ def start_method(devices: list[str]) -> str:
     benchmarks/startup.py on 2 cores). Forked workers never use CUDA, and run one thread
     each, so they never enter an OpenMP pool the parent may have started (why PyTorch's
     DataLoader sets one thread in its forked workers). Otherwise (GPUs, or workers with
-    several threads each) "forkserver" where the platform has one, else "spawn" (Windows)."""
+    several threads each, or a grpc:// storage, whose open channel a fork would copy in a
+    state gRPC does not support) "forkserver" where the platform has one, else "spawn"
+    (Windows)."""
     methods = multiprocessing.get_all_start_methods()
     if (sys.platform.startswith("linux") and "fork" in methods and len(devices) > 1
+            and storage.grpc_address(storage_url) is None
             and all(d == "cpu" for d in devices) and cpu_threads(len(devices)) == 1):
         return "fork"
     return _unforked_method()
@@ -122,13 +125,13 @@ def _context(method: str):
     return context
 
 
-def prestart(devices: list[str]) -> None:
+def prestart(devices: list[str], storage_url: str = "") -> None:
     """Start the fork server now when run_workers will use it, so that it imports the
     service on another core while this process loads the data and opens the study: the
     workers started later are forked from it in milliseconds (a spawned worker took seconds
     of imports before its first trial, and its first epoch seconds more). No-op otherwise
     (one worker: this process runs every trial and starts no other), or once started."""
-    if len(devices) > 1 and start_method(devices) == "forkserver":
+    if len(devices) > 1 and start_method(devices, storage_url) == "forkserver":
         from multiprocessing import forkserver
 
         _context("forkserver")  # sets what the server imports, before it starts
@@ -222,7 +225,7 @@ def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporte
 
     target = budget.budget_used(study) + cfg.n_trials
     threads = cpu_threads(len(devices))  # CPU and GPU workers alike
-    method = start_method(devices)
+    method = start_method(devices, cfg.storage)
     context = _context(method)
     # handed to each worker (pickled unless forked; no second load, no scikit-learn import);
     # the test split stays here: the search never sees it

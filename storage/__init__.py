@@ -5,6 +5,8 @@ busy timeout and WAL journaling so several worker processes on one machine and a
 optuna-dashboard do not hit "database is locked"; every RDB storage gets heartbeats, and a
 trial whose worker died is failed and retried. On a server database trials are read back
 with plain SELECTs (storage.reads); a running trial's writes are grouped (storage.trials).
+`grpc://HOST:PORT` reaches a database through Optuna's gRPC storage proxy
+(`python -m search.proxy`), for more machines than the database takes connections.
 """
 
 from __future__ import annotations
@@ -30,7 +32,22 @@ HEARTBEAT_INTERVAL_S = 30
 GRACE_PERIOD_S = 120  # a running trial with no heartbeat for this long is failed, then retried
 MAX_RETRY = 2
 CONNECT_TIMEOUT_S = 10  # an unreachable server is reported after this long
-_EXAMPLES = "e.g. sqlite:///studies.db or postgresql://user@host:5432/db"
+_EXAMPLES = ("e.g. sqlite:///studies.db, postgresql://user@host:5432/db or grpc://host:13000 "
+             "(a python -m search.proxy)")
+GRPC_SCHEME = "grpc://"
+
+
+def grpc_address(url: str) -> tuple[str, int] | None:
+    """(host, port) of a grpc://HOST:PORT URL, None for a database URL. Raises StorageError
+    when a grpc:// URL is not HOST:PORT."""
+    if not url.startswith(GRPC_SCHEME):
+        return None
+    host, colon, port = url[len(GRPC_SCHEME):].rstrip("/").rpartition(":")
+    if (not colon or not host or any(c in host for c in "/@ ") or not port.isdigit()
+            or not 0 < int(port) < 65536):
+        raise StorageError(f"storage URL {shown(url)!r}: expected grpc://HOST:PORT of a "
+                           "running python -m search.proxy, e.g. grpc://127.0.0.1:13000")
+    return host, int(port)
 
 
 def parse(url: str) -> URL:
@@ -85,7 +102,10 @@ def check(url: str) -> None:
     """Everything about `url` that can be checked without writing anything: it parses, an
     SQLite file's folder exists, and an existing SQLite file is an Optuna database of this
     Optuna's schema. Raises StorageError. `open` repeats it; `search.run` calls it first so
-    that a run stopped by bad data or flags leaves no new database file behind."""
+    that a run stopped by bad data or flags leaves no new database file behind. A grpc://
+    URL is checked for its form only: the proxy is reached by `open`."""
+    if grpc_address(url) is not None:
+        return
     parsed = parse(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
         raise StorageError(f"storage URL {shown(url)!r} is an in-memory database: no trial "
@@ -146,6 +166,8 @@ def _old_schema(display: str, found: str, head: str) -> str:
 
 def sqlite_path(url: str) -> Path | None:
     """The database file of an SQLite URL, None for in-memory or other databases."""
+    if grpc_address(url) is not None:
+        return None
     parsed = parse(url)
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
@@ -176,14 +198,20 @@ def open(  # noqa: A001 (storage.open is the name the design gives it)
     *,
     heartbeat_interval: int = HEARTBEAT_INTERVAL_S,
     grace_period: int = GRACE_PERIOD_S,
-) -> optuna.storages.RDBStorage:
+) -> optuna.storages.BaseStorage:
     """An RDB storage for `url`, created if needed. A trial whose worker stops sending
     heartbeats (every `heartbeat_interval` s) for `grace_period` s is failed and enqueued
     again, up to MAX_RETRY times.
 
+    A grpc:// URL gives Optuna's GrpcStorageProxy: the proxy holds the database and its
+    settings; heartbeats do not pass through it.
+
     Raises StorageError when the URL is malformed, the SQLite directory is missing, or the
-    database cannot be reached.
+    database (or proxy) cannot be reached.
     """
+    address = grpc_address(url)
+    if address is not None:
+        return _grpc_proxy(*address)
     check(url)
     parsed = parse(url)
     display = parsed.render_as_string(hide_password=True)
@@ -218,6 +246,26 @@ def open(  # noqa: A001 (storage.open is the name the design gives it)
     if parsed.get_backend_name() == "sqlite":
         _begin_immediate(opened.engine)
     return opened
+
+
+def _grpc_proxy(host: str, port: int) -> optuna.storages.BaseStorage:
+    try:
+        import grpc  # noqa: F401 (Optuna imports it lazily, at the first call)
+        from optuna.storages import GrpcStorageProxy
+    except ImportError:
+        raise StorageError("a grpc:// storage needs grpcio and protobuf: pip install "
+                           "'optuna-search[grpc]' (or pip install grpcio protobuf)") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        proxy = GrpcStorageProxy(host=host, port=port)
+    try:
+        proxy.wait_server_ready(timeout=CONNECT_TIMEOUT_S)
+    except Exception:  # grpc.FutureTimeoutError, or a host that does not resolve
+        raise StorageError(f"cannot reach the storage proxy at {GRPC_SCHEME}{host}:{port} "
+                           f"within {CONNECT_TIMEOUT_S} s; start it on that machine with "
+                           f"python -m search.proxy --storage DATABASE_URL --port {port}"
+                           ) from None
+    return proxy
 
 
 def _begin_immediate(engine) -> None:
@@ -284,4 +332,5 @@ def artifact_store(url: str, directory: str | Path | None = None):
 
 
 __all__ = ["DEFAULT_URL", "artifact_dir", "artifact_store", "cache_dir", "check", "count_trials",
-           "open", "params_later", "parse", "shown", "sqlite_path", "write_trial"]
+           "grpc_address", "open", "params_later", "parse", "shown", "sqlite_path",
+           "write_trial"]

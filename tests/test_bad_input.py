@@ -25,6 +25,7 @@ import torch
 import storage
 from search import evaluate as evaluate_module
 from search import final as final_module
+from search import proxy as proxy_module
 from search import replay as replay_module
 from search import run as run_module
 from search.export import sha256_of
@@ -41,7 +42,7 @@ class Row:
     argv: list[str]
     says: str  # a fragment of the one line the user must see
     setup: Callable[[Path], None] | None = None
-    cli: str = "run"  # run, final or evaluate
+    cli: str = "run"  # a key of MAINS
     needs_postgres: bool = False
 
 
@@ -318,6 +319,17 @@ ROWS = [
         _model(lambda d: None), cli="evaluate"),
     Row("model data dir", ["model/model.pt", "--data-dir", "no/such"],
         "data directory no/such does not exist", _model(lambda d: None), cli="evaluate"),
+    # search.proxy: what it would serve and where it would listen
+    Row("proxy: port", ["--port", "0"], "--port must be from 1", cli="proxy"),
+    Row("proxy: threads", ["--threads", "0"], "--threads must be from 1", cli="proxy"),
+    Row("proxy: of a proxy", ["--storage", "grpc://127.0.0.1:13000"], "not another proxy's",
+        cli="proxy"),
+    Row("proxy: storage", ["--storage", f"postgresql://u:{SECRET}/db"],
+        "the port is not a number", cli="proxy"),
+    Row("proxy: host", ["--host", "no.such.host.invalid", "--port", "13999"],
+        "cannot listen on no.such.host.invalid:13999", cli="proxy"),
+    Row("run: grpc storage", [*RUN, "--storage", "grpc://127.0.0.1"],
+        "expected grpc://HOST:PORT"),
 ]
 
 
@@ -344,7 +356,7 @@ def saved_model(tmp_path_factory):
 
 
 MAINS = {"run": run_module.main, "final": final_module.main, "evaluate": evaluate_module.main,
-         "replay": replay_module.main}
+         "replay": replay_module.main, "proxy": proxy_module.main}
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
@@ -371,18 +383,19 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(row, tmp_path, capsys,
 
 
 def test_the_table_covers_every_flag_of_every_command():
-    """A flag added to any of the four commands without a row of its own command here fails
+    """A flag added to any of the commands without a row of its own command here fails
     this test (matched as a whole argument: --seed is not covered by --final-seeds)."""
     parsers = {"run": run_module.build_parser(), "final": final_module.build_parser(),
                "evaluate": evaluate_module.build_parser(),
-               "replay": replay_module.build_parser()}
+               "replay": replay_module.build_parser(),
+               "proxy": proxy_module.build_parser()}
     assert set(parsers) == set(MAINS)
     missing = []
     for cli, parser in parsers.items():
         given = {arg.split("=")[0] for row in ROWS if row.cli == cli for arg in row.argv}
         for action in parser._actions:
             flag = next((o for o in action.option_strings if o.startswith("--")), None)
-            if flag in (None, "--help", "--no-final"):
+            if flag in (None, "--help", "--version", "--no-final"):
                 continue
             if flag not in given:
                 missing.append(f"{cli} {flag}")

@@ -170,7 +170,7 @@ def test_gpus_cuda_cannot_run_on_are_not_planned(monkeypatch, caplog, capsys):
 def test_cpu_workers_follow_the_cores():
     from search import workers
 
-    assert workers.CPU_WORKERS_PER_CORE  # the measured default (README, "Defaults")
+    assert workers.CPU_WORKERS_PER_CORE  # the measured default (benchmarks/RESULTS.md, "Defaults")
     for cores, expected in ((1, 1), (2, 2), (16, workers.CPU_WORKERS_MAX), (128, 8)):
         assert workers.cpu_workers(cores) == expected
 
@@ -224,6 +224,8 @@ def test_cpu_workers_are_forks_of_the_parent_and_others_come_from_the_fork_serve
     assert workers.start_method(["cpu"] * 2) == "forkserver"  # two threads each
     assert workers.start_method(["cuda:0", "cuda:1"]) == "forkserver"
     assert workers.start_method(["cpu", "cuda:0"]) == "forkserver"
+    # a gRPC channel open in the parent must not be copied by a fork
+    assert workers.start_method(["cpu"] * 4, "grpc://127.0.0.1:13000") == "forkserver"
 
 
 def test_a_fork_server_is_started_only_for_workers_it_will_fork(monkeypatch):
@@ -257,7 +259,7 @@ def test_workers_started_either_way_run_trials_of_the_study(tmp_path, monkeypatc
 
     if method not in multiprocessing.get_all_start_methods():
         pytest.skip(f"no {method} on this platform")
-    monkeypatch.setattr(workers, "start_method", lambda devices: method)
+    monkeypatch.setattr(workers, "start_method", lambda devices, storage_url="": method)
     parent, pull = os.getpid(), workers._pull_trials
 
     def pull_after_the_other(study, *args):  # a forked worker has this too: it pulls at once
@@ -347,7 +349,7 @@ def test_every_worker_gets_its_share_of_the_cores_gpu_workers_too(monkeypatch, d
     monkeypatch.setattr(workers, "_Monitor", Monitor)
     monkeypatch.setattr(workers, "_pull_trials", lambda *args: None)
     monkeypatch.setattr(objective_module, "Objective", Objective)
-    monkeypatch.setattr(workers, "start_method", lambda devices: "spawn")
+    monkeypatch.setattr(workers, "start_method", lambda devices, storage_url="": "spawn")
     monkeypatch.setattr(workers, "_context", lambda method: Context())
     study = optuna.create_study()
     threads = torch.get_num_threads()
