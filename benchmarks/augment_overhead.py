@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    from machine import header  # benchmarks/machine.py, beside this script
+
+    print(header(), flush=True)  # date, commit, CPU, GPU, versions, this command
     sys.stdout.reconfigure(line_buffering=True)  # a line per trial, also into a file
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)

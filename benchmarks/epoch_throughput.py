@@ -87,6 +87,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--repeat", type=int, default=3, help="epochs timed per side")
     args = parser.parse_args()
+    from machine import header  # benchmarks/machine.py, beside this script
+
+    print(header(), flush=True)  # date, commit, CPU, GPU, versions, this command
     device = torch.device(args.device)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(N_IMAGES, 28, 28), dtype=np.uint8)

@@ -20,6 +20,8 @@ set -uo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
+python "$repo/benchmarks/machine.py"  # date, commit, CPU, GPUs, versions
+echo
 if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
     2>/dev/null; then
   echo "gpu_check: CUDA cannot run here (no GPU, no driver, or torch without CUDA); nothing to measure"

@@ -27,6 +27,9 @@ def main() -> None:
     parser.add_argument("--data-dir")
     parser.add_argument("--epochs", default="5,10,20")
     args = parser.parse_args()
+    from machine import header  # benchmarks/machine.py, beside this script
+
+    print(header(), flush=True)  # date, commit, CPU, GPU, versions, this command
     dataset = data_module.load(args.data, args.data_dir)
     cpu = torch.device("cpu")
     train, val = DeviceSplit.of(dataset.train, cpu), DeviceSplit.of(dataset.val, cpu)

@@ -7,13 +7,13 @@ model (benchmarks/search_efficiency.py's time-to-target counts from the process 
 Ways of starting the workers after the first (the parent) and of loading the data, side by
 side, each run a fresh process, one at a time, interleaved:
 
-  spawn, cold       the service before this benchmark: each other worker a spawned process
-                    (it imports the service, then torch._dynamo at its first optimizer
-                    step), the data parsed and split with scikit-learn at every start
+  spawn, cold       each other worker a spawned process (what the service starts on Windows),
+                    which imports the service, then torch._dynamo at its first optimizer
+                    step; the data parsed and split with scikit-learn at every start
   spawn, warm       the same with the data cache (search.data.cache_home) already filled
   forkserver, warm  workers forked from a fork server started before the data loads, which
-                    imports the service and torch._dynamo (search.workers: what runs with
-                    GPUs or multi-threaded workers use)
+                    imports the service and torch._dynamo (search.workers: what the
+                    service uses with GPUs or multi-threaded workers)
   fork, cold        workers forked from the parent itself, cache empty
   fork, warm        the service as it is on a CPU-only machine (single-threaded workers),
                     on every start after a machine's first
@@ -97,6 +97,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=12.0, help="each run's --timeout: "
                         "long enough for every worker to start (default 12)")
     args = parser.parse_args()
+    from machine import header  # benchmarks/machine.py, beside this script
+
+    print(header(), flush=True)  # date, commit, CPU, GPU, versions, this command
     if args.data_dir:
         args.data_dir = str(Path(args.data_dir).resolve())
     results: dict[tuple[str, str], list[dict[str, float]]] = {arm: [] for arm in ARMS}

@@ -62,6 +62,9 @@ def main() -> None:
     parser.add_argument("--nets", default=",".join(NETS), help="comma-separated, of: "
                         + ", ".join(NETS))
     args = parser.parse_args()
+    from machine import header  # benchmarks/machine.py, beside this script
+
+    print(header(), flush=True)  # date, commit, CPU, GPU, versions, this command
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)

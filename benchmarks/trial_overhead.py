@@ -176,6 +176,9 @@ def main() -> None:
     parser.add_argument("--pruner", default="sha", help="the service's default")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
+    from machine import header  # benchmarks/machine.py, beside this script
+
+    print(header(), flush=True)  # date, commit, CPU, GPU, versions, this command
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     logging.getLogger("bench").setLevel(logging.WARNING)  # formatted, not printed
     sizes = [int(s) for s in args.sizes.split(",")]

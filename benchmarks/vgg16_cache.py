@@ -41,6 +41,9 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    from machine import header  # benchmarks/machine.py, beside this script
+
+    print(header(), flush=True)  # date, commit, CPU, GPU, versions, this command
     sys.stdout.reconfigure(line_buffering=True)
     device = torch.device(args.device)
     dataset = data_module.load(args.data)

@@ -1,4 +1,4 @@
-"""The arithmetic of benchmarks/search_efficiency.py's table: what the README quotes."""
+"""The arithmetic of benchmarks/search_efficiency.py's table: what benchmarks/RESULTS.md quotes."""
 
 from __future__ import annotations
 
@@ -51,3 +51,43 @@ def test_ratio_says_by_when_ours_had_to_reach_the_target(bench):
     assert bench._ratio({"time": math.inf}, ours, 300.0, 3.0).startswith("> 37.5x")
     assert bench._ratio({"time": 64.0}, {"time": math.inf, "first": 5.0}, 300.0,
                         3.0).startswith("n/a")
+
+
+def _prints_before_header(path: Path) -> list[int] | None:
+    """Lines of main()'s print calls that come before its header() call; None when main()
+    never calls header()."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    calls = sorted((n for n in ast.walk(main) if isinstance(n, ast.Call)),
+                   key=lambda n: (n.lineno, n.col_offset))
+    names = [(getattr(c.func, "id", getattr(c.func, "attr", "")), c.lineno) for c in calls]
+    at = next((line for name, line in names if name == "header"), None)
+    if at is None:
+        return None
+    return [line for name, line in names if name == "print" and line < at]
+
+
+@pytest.mark.parametrize("path", sorted(p for p in PATH.parent.glob("*.py")
+                                        if p.name != "machine.py"), ids=lambda p: p.name)
+def test_every_benchmark_prints_its_machine_header_first(path):
+    assert _prints_before_header(path) == [], f"{path.name}: header() not printed first"
+
+
+def test_the_gpu_check_prints_the_machine_header_first():
+    script = (PATH.parent / "gpu_check.sh").read_text(encoding="utf-8")
+    body = [line for line in script.splitlines() if line and not line.startswith("#")]
+    first_output = next(i for i, line in enumerate(body) if "echo" in line or "python" in line)
+    assert "benchmarks/machine.py" in body[first_output], body[first_output]
+
+
+def test_the_machine_header_names_the_machine():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(PATH.parent / "machine.py")], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    for field in ("date", "commit", "cpu", "gpu", "os", "versions", "command"):
+        assert any(line.startswith(field) for line in out.splitlines()), (field, out)
+    assert "cores" in out and "torch" in out and "optuna" in out
