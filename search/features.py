@@ -1,4 +1,4 @@
-"""The frozen backbone's outputs, computed once and cached (the vgg16 study, issue 7).
+"""The frozen backbone's outputs, computed once and cached (the vgg16 study).
 
 A frozen VGG16 maps an image to the same features in every trial, so they are computed once
 per (weights and their sha256, input size, where the network is cut, the split's pixels,

@@ -79,7 +79,7 @@ def epochs_for(spec: StudySpec, n_train: int, batch_size: int) -> int:
     """Epochs per trial when --epochs is not given: the study's default on small data; on
     large data, enough epochs for about `spec.steps_per_trial` optimizer steps (an epoch of
     60,000 images is 19x one of 3,200; the number is from benchmarks/mlp_schedule.py on
-    MNIST, README "Defaults")."""
+    MNIST, benchmarks/RESULTS.md "Defaults")."""
     if spec.steps_per_trial is None:
         return spec.default_epochs
     steps_per_epoch = max(1, math.ceil(n_train / batch_size))
@@ -174,7 +174,8 @@ def _study(space, name: str, description: str, build: Callable[..., Built],
 
 # mnist-5k (25 steps per epoch) keeps its 20 epochs; 54,000 images (422 steps) get 10: on
 # MNIST's 54,000 training images 10 epochs per trial ended higher than 6 within the same
-# 150 s search, on two days (README "Defaults": 0.9857 against 0.9837, 0.9842 against 0.9823)
+# 150 s search, on two days (benchmarks/RESULTS.md "Defaults": 0.9857 against 0.9837,
+# 0.9842 against 0.9823)
 STEPS_PER_MLP_TRIAL = 4_200
 
 STUDIES: Mapping[str, StudySpec] = MappingProxyType({

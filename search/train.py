@@ -65,7 +65,7 @@ def cuda_unusable(seen: int) -> str:
     return (f"torch {torch.__version__} sees {seen} GPU(s) but cannot run CUDA "
             f"{torch.version.cuda} on them: the NVIDIA driver is missing or older than this "
             "build needs (nvidia-smi shows the driver's CUDA version); update the driver or "
-            "install the torch build for it (README, GPU machines)")
+            "install the torch build for it (docs/scaling.md)")
 
 
 def use_device(device: str | torch.device) -> None:

@@ -17,9 +17,10 @@ from search.models import DROPOUT_PLACEMENTS
 VERSION = "mlp-v2"
 
 MAX_LAYERS = 4
-# Ranges narrowed in mlp-v2 from 100 random trials of mlp-v1 on mnist-5k (README,
-# "Defaults"): median validation accuracy 0.905 with a layer under 32 units (0.926 without),
-# SGD below lr 0.01 best 0.925 (0.955 above), Adam below 3e-4 best 0.931 (0.954 above)
+# Ranges narrowed in mlp-v2 from 100 random trials of mlp-v1 on mnist-5k
+# (benchmarks/RESULTS.md, "Defaults"): median validation accuracy 0.905 with a layer under
+# 32 units (0.926 without), SGD below lr 0.01 best 0.925 (0.955 above), Adam below 3e-4 best
+# 0.931 (0.954 above)
 WIDTH_RANGE = (32, 1024)  # units per hidden layer, sampled on a log scale
 DROPOUT_RANGE = (0.05, 0.6)
 PAIRS = ("relu_ce", "leakyrelu_nll", "elu_ce_smooth", "gelu_margin")

@@ -1,7 +1,7 @@
 """Several machines on one study, killed workers, Ctrl-C, resuming with other settings.
 
 "Machines" are real `python -m search.run` processes sharing one PostgreSQL study (the
-README's recipe); "workers" are the processes of one `--workers 2` run.
+docs/scaling.md's recipe); "workers" are the processes of one `--workers 2` run.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""torchvision's VGG16 with a frozen backbone and a trained head (the vgg16 study, issue 7).
+"""torchvision's VGG16 with a frozen backbone and a trained head (the vgg16 study).
 
 `resolve_weights("imagenet" | "none" | PATH)` finds the backbone's weights and fails in one
 line when it cannot: never a silent fallback to random features, which would make every
