@@ -65,10 +65,11 @@ class AugmentSpec:
         return f"strength {self.strength:g}: {', '.join(self.families)}"
 
 
-def pipeline(spec: AugmentSpec, seed: int, size: int = 28):
+def pipeline(spec: AugmentSpec, seed: int, size: int = 28, flips: bool = False):
     """The albumentations Compose for `spec`, seeded; each transform's range and
     probability grow linearly with the strength s. Ranges in pixels are set for 28 px
-    images and scaled to `size` (a 3x3 blur wipes out an 8 px digit)."""
+    images and scaled to `size` (a 3x3 blur wipes out an 8 px digit). Left-right flips
+    (half the images) only with `flips` (--augment-flips: mirror-invariant classes)."""
     import albumentations as A
     import cv2
 
@@ -97,11 +98,13 @@ def pipeline(spec: AugmentSpec, seed: int, size: int = 28):
     }
     # geometry first, so brightness and holes also cover the border an affine fills in
     order = ("affine", "distort", "contrast", "blur", "dropout")
-    return A.Compose([make[name]() for name in order if name in spec.families], seed=seed)
+    flip = [A.HorizontalFlip(p=0.5)] if flips else []
+    return A.Compose(flip + [make[name]() for name in order if name in spec.families],
+                     seed=seed)
 
 
 def augment(images: np.ndarray, spec: AugmentSpec, seed: int,
-            processes: int = 1) -> np.ndarray:
+            processes: int = 1, flips: bool = False) -> np.ndarray:
     """Augmented copy of uint8 `images` [N, C, H, W]; the identity when not spec.active.
 
     Images are augmented in chunks of CHUNK, each seeded from `seed` and its index, so the
@@ -111,7 +114,7 @@ def augment(images: np.ndarray, spec: AugmentSpec, seed: int,
     if not spec.active or not len(images):
         return images.copy()
     starts = range(0, len(images), CHUNK)
-    jobs = [(images[start:start + CHUNK], spec, _chunk_seed(seed, start // CHUNK))
+    jobs = [(images[start:start + CHUNK], spec, _chunk_seed(seed, start // CHUNK), flips)
             for start in starts]
     if processes <= 1 or len(jobs) < 2:
         return np.concatenate([_augment_chunk(*job) for job in jobs])
@@ -127,11 +130,12 @@ def _chunk_seed(seed: int, chunk: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{chunk}".encode()).digest()[:4], "little")
 
 
-def _augment_chunk(images: np.ndarray, spec: AugmentSpec, seed: int) -> np.ndarray:
+def _augment_chunk(images: np.ndarray, spec: AugmentSpec, seed: int,
+                   flips: bool = False) -> np.ndarray:
     import cv2
 
     cv2.setNumThreads(1)  # 28 px images: threads cost more than they save
-    compose = pipeline(spec, seed, min(images.shape[2:]))
+    compose = pipeline(spec, seed, min(images.shape[2:]), flips)
     hwc = np.ascontiguousarray(images.transpose(0, 2, 3, 1))  # albumentations wants HWC
     out = np.stack([compose(image=image)["image"].reshape(image.shape) for image in hwc])
     return out.transpose(0, 3, 1, 2)
@@ -149,13 +153,13 @@ def data_key(images: torch.Tensor, dataset: str) -> dict:
 
 
 @functools.lru_cache(maxsize=256)
-def pipeline_digest(spec: AugmentSpec, size: int) -> str:
+def pipeline_digest(spec: AugmentSpec, size: int, flips: bool = False) -> str:
     """sha256 of albumentations' own serialization of the pipeline `spec` makes for images
     of `size` px (every transform, its ranges and probability; the seed is not in it): a
     change to pipeline() changes the cache key by itself."""
     import albumentations
 
-    described = albumentations.to_dict(pipeline(spec, 0, size))
+    described = albumentations.to_dict(pipeline(spec, 0, size, flips))
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()
                           ).hexdigest()
 
@@ -182,16 +186,17 @@ class AugmentCache:
     dataset: str = ""
     processes: int = 1
     bound: SizeBound | None = None  # the cache folder's size bound (--cache-max-gb)
+    flips: bool = False  # --augment-flips
     stats: CacheStats = field(default_factory=CacheStats)
     _memory: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
     @classmethod
-    def for_dataset(cls, dataset, directory: Path | None,
-                    bound: SizeBound | None = None) -> AugmentCache:
+    def for_dataset(cls, dataset, directory: Path | None, bound: SizeBound | None = None,
+                    flips: bool = False) -> AugmentCache:
         """The cache of `dataset`'s training split (a search.data.Dataset); copies that
         span several chunks are made by as many processes as torch has threads."""
         return cls(dataset.train.x, None, directory, dataset=dataset.name,
-                   processes=max(1, torch.get_num_threads()), bound=bound)
+                   processes=max(1, torch.get_num_threads()), bound=bound, flips=flips)
 
     def epoch_images(self, spec: AugmentSpec, seed: int, epochs: int,
                      device: torch.device) -> EpochImages | None:
@@ -223,13 +228,14 @@ class AugmentCache:
             self.key = data_key(self.images, self.dataset)
         return key_name({**self.key, "strength": spec.strength,
                          "families": sorted(spec.families), "copy": index,
-                         "pipeline": pipeline_digest(spec, min(self.images.shape[2:]))})
+                         "pipeline": pipeline_digest(spec, min(self.images.shape[2:]),
+                                                     self.flips)})
 
     def _load_or_make(self, spec: AugmentSpec, index: int, name: str) -> np.ndarray:
         seed = int(name[:8], 16)  # from the key: every trial and worker gets the same copy
 
         def make() -> np.ndarray:
-            return augment(self.images.numpy(), spec, seed, self.processes)
+            return augment(self.images.numpy(), spec, seed, self.processes, self.flips)
 
         if self.directory is None:
             self.stats.generated += 1

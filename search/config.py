@@ -48,6 +48,7 @@ MAX_BATCH_SIZE = 65_536
 MAX_WORKERS = 256
 MAX_FINAL_SEEDS = 100
 MAX_INPUT_SIZE = 1024
+MIN_IMAGE_SIZE = 8  # --image-size: smaller than scikit-learn's 8x8 digits holds nothing
 MAX_TIMEOUT_S = 30 * 24 * 3600
 MAX_SEED = 2**31 - 2  # trial seeds are taken modulo 2**31 - 1
 # a study name becomes a folder name under --runs-dir: one path component, no leading dot
@@ -103,6 +104,12 @@ class RunConfig:
     cache_max_gb: float = 20.0  # the cache's arrays, least recently used removed past it
     weights: str = "imagenet"  # vgg16: imagenet, none (seeded random) or a state_dict path
     input_size: int = 32  # vgg16: images are resized to this square size (at least 32)
+    # --data PATH (the user's own images): search.data.ImageOptions
+    image_size: int | None = None  # None: the images' own size when all share one, else 32
+    channels: int | None = None  # 1 or 3; None: 1 when every image is grayscale, else 3
+    test_fraction: float | None = None  # a folder without test/: None is 0.2 (0.1 >= 20,000)
+    skip_bad_images: bool = False  # log and skip unreadable images instead of stopping
+    augment_flips: bool = False  # the classes are mirror-invariant: augmentation may flip
 
     def __post_init__(self) -> None:
         for flag, value, top in _BOUNDS(self):
@@ -128,11 +135,28 @@ class RunConfig:
         if not 32 <= self.input_size <= MAX_INPUT_SIZE:
             raise ConfigError(f"--input-size must be from 32 (VGG16 halves it five times) to "
                               f"{MAX_INPUT_SIZE}, got {self.input_size:,}")
+        if self.image_size is not None and not MIN_IMAGE_SIZE <= self.image_size <= (
+                MAX_INPUT_SIZE):
+            raise ConfigError(f"--image-size must be from {MIN_IMAGE_SIZE} to "
+                              f"{MAX_INPUT_SIZE} (pixels), got {self.image_size:,}")
+        if self.channels not in (None, 1, 3):
+            raise ConfigError(f"--channels must be 1 (grayscale) or 3 (colour), got "
+                              f"{self.channels}")
+        if self.test_fraction is not None and not 0 < self.test_fraction <= 0.5:
+            raise ConfigError(f"--test-fraction must be above 0 and at most 0.5, got "
+                              f"{self.test_fraction}")
         if self.study_name is not None:
             check_study_name(self.study_name)
         if self.workers is not None and self.workers_per_device is not None:
             raise ConfigError("give --workers (the total) or --workers-per-device (per GPU), "
                               "not both")
+
+    def image_options(self):
+        """How --data PATH is read (search.data.ImageOptions)."""
+        from search.data import ImageOptions
+
+        return ImageOptions(self.image_size, self.channels, self.test_fraction,
+                            self.skip_bad_images)
 
     def trial_settings(self) -> dict:
         """What a trial's value depends on besides its params: each trial records these, so

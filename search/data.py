@@ -1,20 +1,25 @@
-"""Data sources for `python -m search.run --data auto|mnist|mnist-5k|fashion-mnist|digits`.
+"""Data sources for `python -m search.run --data auto|mnist|mnist-5k|fashion-mnist|digits|PATH`.
 
 `load()` is called once, before any trial. It returns uint8 images in three splits: a fixed,
 seeded, stratified validation split carved from the training set (the search scores on it)
 and the untouched test split (only the final evaluation reads it). Normalization statistics
-come from the training split alone.
+come from the training split alone. PATH is the user's own images: a folder (search.images)
+or a Keras-layout .npz, any size, grayscale or colour (ImageOptions).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gzip
 import hashlib
 import io
+import json
 import logging
+import math
 import os
+import re
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -24,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from search.cache import ArrayStore, key_name, read_npy, sha256_of
+from search import images as images_module
+from search.cache import ArrayStore, key_name, pixels_sha256, read_npy, sha256_of
 from search.errors import DataError
 from search.idx import find_file, read_idx
 
@@ -54,6 +60,19 @@ class DataNotFound(DataError):
 
 
 @dataclass(frozen=True)
+class ImageOptions:
+    """How `--data PATH` (the user's own images) is read."""
+
+    image_size: int | None = None  # --image-size; None: the images' own size if shared
+    channels: int | None = None  # --channels 1|3; None: 1 if every image is grayscale
+    test_fraction: float | None = None  # --test-fraction; None: 0.2 under 20,000 images
+    skip_bad: bool = False  # --skip-bad-images: log and skip unreadable files
+
+    def describe(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class Split:
     x: torch.Tensor  # uint8, [N, 1, H, W]
     y: torch.Tensor  # int64, [N]
@@ -76,6 +95,8 @@ class Dataset:
     # per channel, of the train split alone (what the CNN normalizes with)
     channel_mean: tuple[float, ...] = field(default=())
     channel_std: tuple[float, ...] = field(default=())
+    # --data PATH: how the images were read (ImageOptions, resolved), else empty
+    images: dict = field(default_factory=dict)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -96,7 +117,16 @@ class Dataset:
             "std": self.std,
             "channel_mean": list(self.channel_mean),
             "channel_std": list(self.channel_std),
+            "digest": self.digest,
+            **({"images": self.images} if self.images else {}),
         }
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """sha256 over every split's pixels and labels: other files, changed images or
+        another split give another digest."""
+        parts = [pixels_sha256(t) for s in (self.train, self.val, self.test) for t in (s.x, s.y)]
+        return hashlib.sha256("/".join(parts).encode()).hexdigest()
 
 
 def default_data_dir() -> Path:
@@ -116,14 +146,25 @@ def check_data_dir(data_dir: str | Path | None) -> Path:
     return directory
 
 
-def load(name: str, data_dir: str | Path | None = None, download: bool = True) -> Dataset:
-    """Load data set `name` (one of DATASETS) with its train/val/test splits.
+def is_path(name: str) -> bool:
+    """Whether --data `name` means the user's own images rather than a named set."""
+    return name not in DATASETS and (Path(name).exists() or name.lower().endswith(".npz")
+                                     or "/" in name or os.sep in name)
+
+
+def load(name: str, data_dir: str | Path | None = None, download: bool = True,
+         images: ImageOptions | None = None) -> Dataset:
+    """Load data set `name` (one of DATASETS, or the path of a folder of images or an .npz
+    file, read as `images` says) with its train/val/test splits.
 
     Raises DataError (a one-line message naming the file) when a source is malformed, and
     DataNotFound when `mnist`/`fashion-mnist` is nowhere to be found or downloaded.
     """
+    if is_path(name):
+        return _load_path(Path(name), images or ImageOptions())
     if name not in DATASETS:
-        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}, or "
+                        "give the path of a folder of images or an .npz file")
     directory = check_data_dir(data_dir)
     if name == "auto":
         try:
@@ -144,7 +185,7 @@ def load(name: str, data_dir: str | Path | None = None, download: bool = True) -
 
 
 def _with_note(dataset: Dataset, note: str) -> Dataset:
-    return Dataset(**{**dataset.__dict__, "notes": dataset.notes + (note,)})
+    return dataclasses.replace(dataset, notes=dataset.notes + (note,))
 
 
 def _load_idx_dataset(name: str, directory: Path, download: bool) -> Dataset:
@@ -228,17 +269,178 @@ def _read_keras_npz(path: Path):
     return arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]
 
 
-def _read_npy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path):
+def _read_npy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path,
+                     limit: int = MAX_NPZ_MEMBER_BYTES):
     # deflate inflates at most ~1032x: a larger claim is damage (or a zip bomb); and a
     # member cannot be larger than the file holding it (zipfile would allocate the claim)
     if info.compress_size > path.stat().st_size or info.file_size > min(
-            MAX_NPZ_MEMBER_BYTES, 1100 * max(info.compress_size, 1)):
+            limit, 1100 * max(info.compress_size, 1)):
         raise DataError(f"{path}: {info.filename} claims {info.file_size:,} bytes from "
                         f"{info.compress_size:,} (damaged file?)")
     try:
         return read_npy(archive.read(info))
     except ValueError as exc:
         raise DataError(f"{path}: {info.filename}: {exc}") from None
+
+
+# --- the user's own images: a folder (search.images) or a Keras-layout .npz
+
+SMALL_SET = 20_000  # under this many images a fifth is held out for testing, else a tenth
+
+
+def _name_of(path: Path) -> str:
+    """A data set name from a path, fit for the default study name <study>-<data>."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", path.resolve().stem).strip("-.") or "images"
+
+
+def _load_path(path: Path, options: ImageOptions) -> Dataset:
+    if options.image_size is not None and not (
+            images_module.MIN_SIZE <= options.image_size <= images_module.MAX_SIZE):
+        raise DataError(f"--image-size must be from {images_module.MIN_SIZE} to "
+                        f"{images_module.MAX_SIZE}, got {options.image_size}")
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return _load_npz(path, options)
+    if path.is_dir():
+        return _load_folder(path, options)
+    if path.exists():
+        raise DataError(f"--data {path}: not a folder of images or an .npz file")
+    raise DataError(f"--data {path}: no such folder or .npz file")
+
+
+def _test_fraction(options: ImageOptions, n: int) -> float:
+    return options.test_fraction or (0.2 if n < SMALL_SET else 0.1)
+
+
+def _load_folder(path: Path, options: ImageOptions) -> Dataset:
+    listing = images_module.scan(path)
+    names = [f.path for f in listing.files]
+    root = listing.root
+    key = {"kind": "image-folder", "root": str(root),
+           "files": hashlib.sha256(json.dumps(listing.key()).encode()).hexdigest(),
+           "image_size": options.image_size, "channels": options.channels,
+           "filter": images_module.RESIZE_FILTER, "pillow": _pillow_version(),
+           "skip_bad": options.skip_bad, "parts": ["x", "kept", "meta"]}
+
+    def make() -> dict[str, np.ndarray]:
+        found = images_module.headers(root, names, options.skip_bad)
+        readable = [i for i, h in enumerate(found) if h is not None]
+        size, channels, note = images_module.target_shape(
+            [found[i] for i in readable], options.image_size, options.channels, str(path))
+        images_module.check_memory(len(readable), size, channels, str(path))
+        x, kept = images_module.decode(root, [names[i] for i in readable], size, channels,
+                                       options.skip_bad)
+        return {"x": x, "kept": np.asarray([readable[i] for i in kept], np.int64),
+                "meta": np.asarray([*size, channels, note is not None], np.int64)}
+
+    def check(parts: dict[str, np.ndarray]) -> bool:
+        x, kept, meta = parts["x"], parts["kept"], parts["meta"]
+        return (x.dtype == np.uint8 and x.ndim == 4 and kept.shape == (len(x),)
+                and meta.shape == (4,) and (not len(kept) or int(kept.max()) < len(names)))
+
+    parts = _cached(key, make, check)
+    x, kept, (height, width, channels, mixed) = parts["x"], parts["kept"], parts["meta"]
+    labels = np.asarray([f.label for f in listing.files], np.int64)[kept]
+    in_test = np.asarray([f.split == "test" for f in listing.files], bool)[kept]
+    notes = []
+    if mixed:
+        notes.append(f"{path}: images of several sizes, resized to {width} x {height} px "
+                     f"({images_module.RESIZE_FILTER}); --image-size N sets another")
+    fraction = None
+    if listing.has_test:
+        x_train, y_train, x_test, y_test = x[~in_test], labels[~in_test], x[in_test], \
+            labels[in_test]
+    else:
+        fraction = _test_fraction(options, len(labels))
+        _enough_per_class(labels, listing.classes, str(path))
+        x_train, x_test, y_train, y_test = _train_test_split(x, labels, test_size=fraction)
+    described = {"kind": "folder", "path": str(root), "size": [int(height), int(width)],
+                 "channels": int(channels), "filter": images_module.RESIZE_FILTER,
+                 "test_split": "test/ folder" if listing.has_test else f"{fraction:g} of "
+                 f"each class, seed {SPLIT_SEED}", "skip_bad": options.skip_bad,
+                 "options": options.describe()}
+    dataset = _finish(_name_of(path), str(root), listing.classes, x_train, y_train, x_test,
+                      y_test, images=described)
+    # said once the data is good (a refused command prints its one line only)
+    if listing.ignored:
+        log.info("%s: %d files that are not images ignored", path, listing.ignored)
+    for note in notes:
+        log.info(note)
+    return dataclasses.replace(dataset, notes=tuple(notes))
+
+
+def _pillow_version() -> str:
+    from importlib.metadata import version
+
+    return version("pillow")
+
+
+def _enough_per_class(labels: np.ndarray, classes: tuple[str, ...], where: str) -> None:
+    counts = np.bincount(labels, minlength=len(classes))
+    fewest = int(counts.argmin())
+    if counts[fewest] < 3:
+        raise DataError(f"{where}: class {classes[fewest]} has {int(counts[fewest])} images; "
+                        "each class needs at least 3 (test, training and validation)")
+
+
+def _load_npz(path: Path, options: ImageOptions) -> Dataset:
+    """x_train, y_train, x_test, y_test (uint8 [N, H, W] or [N, H, W, C]) and an optional
+    class_names, every header checked before any array is read."""
+    limit = max(MAX_NPZ_MEMBER_BYTES, (images_module.available_memory() or 0) // 2)
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+            missing = [k for k in keys if k not in members]
+            if missing:
+                raise DataError(f"{path}: missing array {', '.join(missing)}; expected "
+                                "x_train, y_train, x_test, y_test (and class_names)")
+            arrays = {k: _read_npy_member(archive, members[k], path, limit)
+                      for k in (*keys, "class_names") if k in members}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: cannot read as .npz ({first})") from None
+    split_images = {}
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype != np.uint8 or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[3] not in (
+                1, 3, 4)):
+            raise DataError(f"{path}: x_{split} is {x.dtype} {list(x.shape)}; expected uint8 "
+                            "[N, H, W] or [N, H, W, C] with C 1, 3 or 4")
+        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{path}: y_{split} is {y.dtype} {list(y.shape)}; expected "
+                            f"{len(x):,} integer labels, one per image of x_{split}")
+        if y.size and int(y.min()) < 0:
+            raise DataError(f"{path}: y_{split} holds a negative label ({int(y.min())})")
+        split_images[split] = x if x.ndim == 4 else x[..., None]
+    if split_images["train"].shape[1:] != split_images["test"].shape[1:]:
+        raise DataError(f"{path}: x_train images are {list(split_images['train'].shape[1:])}"
+                        f", x_test {list(split_images['test'].shape[1:])}; they must match")
+    top = int(max(arrays["y_train"].max(initial=0), arrays["y_test"].max(initial=0)))
+    if "class_names" in arrays:
+        names = arrays["class_names"]
+        if names.ndim != 1 or names.dtype.kind not in "US" or len(names) <= top:
+            raise DataError(f"{path}: class_names is {names.dtype} {list(names.shape)}; "
+                            f"expected {top + 1} names (strings) for labels 0..{top}")
+        classes = tuple(str(n.decode() if isinstance(n, bytes) else n) for n in names)
+    else:
+        classes = tuple(str(i) for i in range(top + 1))
+    if len(classes) < 2:
+        raise DataError(f"{path}: one class; a classifier needs at least 2")
+    stored = split_images["train"].shape[3]
+    channels = options.channels or (1 if stored == 1 else 3)
+    height, width = split_images["train"].shape[1:3]
+    size = ((options.image_size, options.image_size) if options.image_size
+            else (int(height), int(width)))
+    if not (images_module.MIN_SIZE <= min(size) and max(size) <= images_module.MAX_SIZE):
+        raise DataError(f"{path}: images of {size[1]} x {size[0]} px; give --image-size "
+                        f"from {images_module.MIN_SIZE} to {images_module.MAX_SIZE}")
+    out = {split: images_module.convert_array(x, channels, size)
+           for split, x in split_images.items()}
+    described = {"kind": "npz", "path": str(path.resolve()), "size": list(size),
+                 "channels": channels, "filter": images_module.RESIZE_FILTER,
+                 "test_split": "x_test", "options": options.describe()}
+    return _finish(_name_of(path), str(path.resolve()), classes, out["train"],
+                   arrays["y_train"], out["test"], arrays["y_test"], images=described)
 
 
 def _download(name: str, directory: Path) -> str:
@@ -323,6 +525,13 @@ def _train_test_split(x: np.ndarray, y, test_size: int | float):
     from importlib.metadata import version
 
     y = np.asarray(y)
+    n_classes = len(np.unique(y))
+    n_test = math.ceil(test_size * len(y)) if isinstance(test_size, float) else test_size
+    if n_test < n_classes:  # a stratified split holds every class on both sides
+        test_size = n_classes
+    if len(y) - max(n_test, n_classes) < n_classes:
+        raise DataError(f"{len(y):,} images of {n_classes} classes cannot be split in two "
+                        "that both hold every class; add images")
     key = {"kind": "stratified-split", "labels": hashlib.sha256(
         np.ascontiguousarray(y, dtype=np.int64).tobytes()).hexdigest(), "n": len(y),
         "test_size": test_size, "seed": SPLIT_SEED, "sklearn": version("scikit-learn"),
@@ -383,7 +592,8 @@ def _load_digits() -> Dataset:
                    x_train, y_train, x_test, y_test)
 
 
-def _finish(name, source, classes, x_train, y_train, x_test, y_test) -> Dataset:
+def _finish(name, source, classes, x_train, y_train, x_test, y_test,
+            images: dict | None = None) -> Dataset:
     y_train = np.asarray(y_train, dtype=np.int64)
     # a larger share for validation on small sets, so one image is not 0.25% of the score
     val_fraction = 0.1 if len(y_train) >= 20_000 else 0.2
@@ -410,6 +620,7 @@ def _finish(name, source, classes, x_train, y_train, x_test, y_test) -> Dataset:
         std=float(np.sqrt(max(second - mean * mean, 0.0))),
         channel_mean=channel_mean,
         channel_std=channel_std,
+        images=images or {},
     )
 
 
@@ -423,5 +634,7 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 
 
 def _split(x: np.ndarray, y: np.ndarray) -> Split:
-    images = torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8)).unsqueeze(1)
-    return Split(images, torch.from_numpy(np.asarray(y, dtype=np.int64)))
+    """uint8 [N, H, W] (one channel) or [N, C, H, W] images and their labels."""
+    images = torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8))
+    return Split(images.unsqueeze(1) if images.ndim == 3 else images,
+                 torch.from_numpy(np.asarray(y, dtype=np.int64)))

@@ -17,6 +17,7 @@ from search import metrics as metrics_module
 from search.cli import Parser, describe, run_command, setup_logging
 from search.errors import ConfigError
 from search.export import load_model
+from search.study import load_recorded
 from search.train import predict_scores
 
 log = logging.getLogger(__name__)
@@ -27,12 +28,17 @@ def evaluate(path: str, data: str | None = None, data_dir: str | None = None) ->
     on a bad file or data whose images do not fit the model."""
     loaded = load_model(path)
     made = loaded.info.get("data", {})
-    name = data or made.get("dataset", "auto")
     source = Path(str(made.get("source", "")))
     if data_dir is None and data is None and source.is_dir() and not os.environ.get(
             "SEARCH_DATA_DIR"):
         data_dir = str(source)  # the IDX folder the model was trained from, if still there
-    dataset = data_module.load(name, data_dir)
+    if data is None:
+        dataset = load_recorded(made, data_dir=data_dir)
+    else:  # your own images are read as the model's were: its channels and size
+        channels, height, width = loaded.info["input"]["shape"]
+        options = data_module.ImageOptions(image_size=height if height == width else None,
+                                           channels=channels)
+        dataset = data_module.load(data, data_dir, images=options)
     expected = tuple(loaded.info["input"]["shape"])
     if dataset.image_shape != expected:
         raise ConfigError(f"{path} takes {'x'.join(map(str, expected))} images; data set "
@@ -55,9 +61,10 @@ def build_parser() -> Parser:
     parser = Parser(prog="python -m search.evaluate", description=describe(__doc__))
     parser.add_argument("model", metavar="MODEL_PT",
                         help="path to model.pt (model.json must be beside it)")
-    parser.add_argument("--data", choices=data_module.DATASETS, metavar="NAME",
-                        help=f"data set to score on, one of {', '.join(data_module.DATASETS)} "
-                        "(default: the one in model.json)")
+    parser.add_argument("--data", metavar="NAME|PATH",
+                        help=f"data set to score on, one of {', '.join(data_module.DATASETS)}, "
+                        "or a folder of images or an .npz, read at the model's size and "
+                        "channels (default: the data in model.json)")
     parser.add_argument("--data-dir", metavar="DIR", help="folder with the data set's IDX "
                         "files (default: where the model's data came from, else "
                         "$SEARCH_DATA_DIR or ./data)")

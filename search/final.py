@@ -137,7 +137,8 @@ def run_final(study: optuna.Study, cfg: RunConfig,
 
     cache = storage.cache_dir(cfg.storage, cfg.cache_dir)
     bound = SizeBound.gigabytes(cache, cfg.cache_max_gb)
-    augment = augment_module.AugmentCache.for_dataset(dataset, cache / "augment", bound)
+    augment = augment_module.AugmentCache.for_dataset(dataset, cache / "augment", bound,
+                                                      cfg.augment_flips)
     batch_size = int(ran_with.get("batch_size", cfg.batch_size))
     weights = _study_weights(study, cfg) if spec.feature_head else None
     features = None if weights is None else FeatureCache(

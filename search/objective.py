@@ -114,7 +114,8 @@ class Objective:
         # augmented copies of the training split, shared by every trial (search.augment)
         cache = storage.cache_dir(cfg.storage, cfg.cache_dir)
         bound = SizeBound.gigabytes(cache, cfg.cache_max_gb)
-        self.augment = AugmentCache.for_dataset(dataset, cache / "augment", bound)
+        self.augment = AugmentCache.for_dataset(dataset, cache / "augment", bound,
+                                                cfg.augment_flips)
         # a frozen backbone's outputs, computed once (search.features); never the test split
         self.features = None
         if spec.feature_head is not None:

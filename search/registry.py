@@ -87,13 +87,16 @@ def epochs_for(spec: StudySpec, n_train: int, batch_size: int) -> int:
     return max(min(MIN_EPOCHS, spec.default_epochs), min(spec.default_epochs, wanted))
 
 
-def _scalar(value) -> float:
-    """A single-channel statistic as one float (the MLP's buffers are scalars)."""
-    if isinstance(value, int | float):
-        return float(value)
-    if len(value) != 1:
-        raise ValueError(f"the MLP normalizes one channel; got per-channel stats {value}")
-    return float(value[0])
+def _mlp_stat(value, channels: int) -> float | tuple[float, ...]:
+    """A statistic as the MLP's normalization takes it: one float for every channel (scalar
+    buffers, as saved since mlp-v1, for grayscale), or one per channel (colour)."""
+    values = (float(value),) if isinstance(value, int | float) else tuple(
+        float(v) for v in value)
+    if len(values) == 1:
+        return values[0]
+    if len(values) != channels:
+        raise ValueError(f"{channels} channel(s), but statistics for {len(values)}: {value}")
+    return values
 
 
 def build_mlp(params: mlp_space.MLPParams, image_shape, n_classes: int, mean, std,
@@ -103,8 +106,8 @@ def build_mlp(params: mlp_space.MLPParams, image_shape, n_classes: int, mean, st
     model = MLP(
         channels * height * width, params.widths, n_classes,
         activation=pair.activation, dropout=params.dropout,
-        dropout_rate=params.dropout_rate, output=pair.output, mean=_scalar(mean),
-        std=_scalar(std),
+        dropout_rate=params.dropout_rate, output=pair.output,
+        mean=_mlp_stat(mean, channels), std=_mlp_stat(std, channels),
     )
     return Built(model, pair.make_loss(),
                  lambda m, fused=False: make_optimizer(params.optimizer, m, params.lr,

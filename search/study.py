@@ -250,6 +250,11 @@ def open_study(cfg: RunConfig, spec: StudySpec, dataset: Dataset,
                 f"({key}={made.get(key)!r}), this run loaded {dataset.name} "
                 f"({key}={dataset.describe()[key]!r}); pass --study-name to keep them apart"
             )
+    if made.get("digest") not in (None, dataset.digest):  # the same counts, other pixels
+        raise ConfigError(
+            f"study {study_name!r} was made on other images of {dataset.name} (images added, "
+            f"changed or resized since: data digest {made['digest'][:12]}..., now "
+            f"{dataset.digest[:12]}...); use a new --study-name for this data")
     _set_budget(study, cfg)
     return study
 
@@ -373,11 +378,27 @@ def load_study_data(study: optuna.Study, cfg: RunConfig,
     Raises ConfigError when what is found now differs from what the study recorded."""
     made = study.user_attrs.get("data", {})
     if dataset is None:
-        dataset = data_module.load(made.get("dataset", cfg.data), cfg.data_dir)
+        dataset = load_recorded(made, cfg.data, cfg.data_dir)
     now = dataset.describe()
     for key in ("dataset", "n_train", "n_val", "n_test", "split_seed"):
         if made and made.get(key) != now[key]:
             raise ConfigError(f"study {study.study_name!r} was searched on {made.get('dataset')}"
                               f" with {key}={made.get(key)!r}; the data found now has "
                               f"{now[key]!r}; point --data-dir at the same files")
+    if made.get("digest") not in (None, now["digest"]):
+        raise ConfigError(f"study {study.study_name!r} was searched on other images of "
+                          f"{dataset.name} (data digest {made['digest'][:12]}..., now "
+                          f"{now['digest'][:12]}...): its files were changed since")
     return dataset
+
+
+def load_recorded(made: dict, data: str = "auto", data_dir: str | None = None) -> Dataset:
+    """The data a study or model recorded (`made`: Dataset.describe()), loaded again: a
+    named set by its name, the user's own images from their path, read the same way."""
+    images = made.get("images")
+    if not images:
+        return data_module.load(made.get("dataset", data), data_dir)
+    known = {f.name for f in dataclasses.fields(data_module.ImageOptions)}
+    options = data_module.ImageOptions(**{k: v for k, v in images.get("options", {}).items()
+                                          if k in known})
+    return data_module.load(images["path"], images=options)

@@ -147,8 +147,8 @@ def test_the_real_key_misses_when_what_makes_the_bytes_changes(images, tmp_path,
         assert newer.stats.generated == 1
     real_pipeline = augment.pipeline
 
-    def wider_rotation(spec, seed, size=28):  # an edit to pipeline(), nothing bumped
-        compose = real_pipeline(spec, seed, size)
+    def wider_rotation(spec, seed, size=28, flips=False):  # an edit to pipeline(), nothing bumped
+        compose = real_pipeline(spec, seed, size, flips)
         for transform in compose.transforms:
             if isinstance(transform, A.Affine):
                 transform.rotate = (-20.0, 20.0)
@@ -216,3 +216,17 @@ def test_epoch_images_follow_the_trial_seed(images, tmp_path):
     two, feed = orders(seed=11, epochs=2)
     assert len(feed.seen) == 2  # a 2-epoch trial sees 2 copies
     assert cache.epoch_images(AugmentSpec(), 1, 4, cpu) is None  # no augmentation: no feed
+
+
+def test_flips_only_when_the_classes_are_mirror_invariant():
+    import albumentations as A
+
+    spec = augment.AugmentSpec(1.0, ("contrast",))
+    kinds = {type(t) for t in augment.pipeline(spec, 0, 28).transforms}
+    flipped = {type(t) for t in augment.pipeline(spec, 0, 28, flips=True).transforms}
+    assert A.HorizontalFlip not in kinds and A.HorizontalFlip in flipped
+    assert augment.pipeline_digest(spec, 28) != augment.pipeline_digest(spec, 28, True)
+    images = np.zeros((64, 3, 12, 12), np.uint8)
+    images[:, :, :, :3] = 255  # a bright left edge
+    mirrored = augment.augment(images, augment.AugmentSpec(1.0, ("blur",)), 0, flips=True)
+    assert 0 < (mirrored[:, :, :, -1] > 128).all(axis=(1, 2)).sum() < 64  # some, not all

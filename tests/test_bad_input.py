@@ -13,6 +13,8 @@ import hashlib
 import json
 import shutil
 import sqlite3
+import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from search import run as run_module
 from search.export import sha256_of
 from spaces import mlp as mlp_space
 from tests.test_data import write_mnist_dir
+from tests.test_images import colour_folder, npz_file
 
 SECRET = "hunter2-secret"
 RUN = ["--study", "mlp", "--data", "digits", "--n-trials", "1", "--epochs", "1"]
@@ -149,6 +152,45 @@ NUMERIC = ("--n-trials", "--max-trials", "--timeout", "--epochs", "--batch-size"
            "--workers", "--workers-per-device", "--final-seeds", "--input-size")
 
 
+IMAGES = ["--study", "cnn", "--n-trials", "1", "--epochs", "1", "--data", "imgs"]
+
+
+def _folder(edit: Callable[[Path], None] | None = None, per_class: int = 4):
+    """A setup: a small colour image folder imgs/, then `edit(imgs)`."""
+    def setup(root: Path) -> None:
+        folder = colour_folder(root / "imgs", per_class=per_class, mixed=False)
+        if edit is not None:
+            edit(folder)
+    return setup
+
+
+def _npz(**arrays):
+    """A setup: imgs.npz holding a valid set with `arrays` replacing or removing (None)
+    its arrays."""
+    def setup(root: Path) -> None:
+        with np.load(npz_file(root / "valid.npz")) as valid:
+            content = {**dict(valid), **arrays}
+        (root / "valid.npz").unlink()
+        np.savez(root / "imgs.npz", **{k: v for k, v in content.items() if v is not None})
+    return setup
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with almost no pixel data: what a
+    decompression bomb looks like before it is inflated."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def _truncated_png(folder: Path) -> None:
+    good = (folder / "red" / "1.png").read_bytes()
+    (folder / "red" / "1.png").write_bytes(good[:len(good) // 2])
+
+
 def _numeric_rows() -> list[Row]:
     rows = []
     for flag in NUMERIC:
@@ -167,7 +209,7 @@ ROWS = [
     # names: study, data, sampler, pruner, device
     Row("unknown study", ["--study", "resnet"], "unknown study 'resnet'"),
     Row("no study", [], "the following arguments are required: --study"),
-    Row("unknown data", [*RUN, "--data", "cifar"], "invalid choice: 'cifar'"),
+    Row("unknown data", [*RUN, "--data", "cifar"], "unknown data set 'cifar'"),
     Row("unknown sampler", [*RUN, "--sampler", "cmaes"], "invalid choice: 'cmaes'"),
     Row("unknown pruner", [*RUN, "--pruner", "asha"], "invalid choice: 'asha'"),
     Row("unknown references mode", [*RUN, "--references", "some"], "invalid choice: 'some'"),
@@ -317,8 +359,45 @@ ROWS = [
         _model(_pickle_that_runs_code), cli="evaluate"),
     Row("model on other data", ["model/model.pt", "--data", "mnist-5k"], "takes 1x8x8 images",
         _model(lambda d: None), cli="evaluate"),
+    Row("model on a folder of other images", ["model/model.pt", "--data", "imgs"],
+        "predicts 10 classes", lambda root: [_model(lambda d: None)(root), _folder(
+            lambda d: [p.unlink() for p in d.glob("*/*.txt")])(root)], cli="evaluate"),
     Row("model data dir", ["model/model.pt", "--data-dir", "no/such"],
         "data directory no/such does not exist", _model(lambda d: None), cli="evaluate"),
+    # --data PATH: your own images, a folder or an .npz
+    Row("image options with a named set", [*RUN, "--image-size", "32"],
+        "apply to your own images"),
+    Row("image size too small", [*IMAGES, "--image-size", "4"], "--image-size must be from 8",
+        _folder()),
+    Row("image size not a number", [*IMAGES, "--image-size", "big"], "--image-size"),
+    Row("channels", [*IMAGES, "--channels", "2"], "--channels must be 1", _folder()),
+    Row("test fraction", [*IMAGES, "--test-fraction", "0.9"], "--test-fraction must be",
+        _folder()),
+    Row("no such images", [*IMAGES[:-1], "no/such"], "no such folder or .npz file"),
+    Row("not an image", IMAGES, "bad.png: not an image Pillow can read", _folder(
+        lambda d: (d / "red" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnothing"))),
+    Row("truncated image", IMAGES, "1.png: cannot decode", _folder(_truncated_png)),
+    Row("decompression bomb", IMAGES, "too large to decode safely", _folder(
+        lambda d: (d / "red" / "bomb.png").write_bytes(_png_claiming(60_000, 60_000)))),
+    Row("empty class folder", IMAGES, "class folder with no images", _folder(
+        lambda d: (d / "violet").mkdir())),
+    Row("one class", IMAGES, "at least 2 classes", _folder(
+        lambda d: [shutil.rmtree(d / c) for c in ("green", "blue")])),
+    Row("too few images of a class", IMAGES, "class red has 2 images", _folder(
+        lambda d: [(d / "red" / f"{i}.png").unlink() for i in (1, 2)])),
+    Row("test class not trained", IMAGES, "no counterpart", lambda root: [
+        _folder()(root / "train_"), (root / "imgs" / "test" / "violet").mkdir(parents=True),
+        (root / "train_" / "imgs").rename(root / "imgs" / "train"), (root / "train_").rmdir()]),
+    Row("npz labels do not match images", [*IMAGES[:-1], "imgs.npz"], "integer labels, one "
+        "per image", _npz(y_train=np.zeros(3, np.int64))),
+    Row("npz float images", [*IMAGES[:-1], "imgs.npz"], "expected uint8",
+        _npz(x_test=np.zeros((15, 12, 12, 3), np.float32))),
+    Row("npz missing arrays", [*IMAGES[:-1], "imgs.npz"], "missing array y_test",
+        _npz(y_test=None)),
+    Row("npz too few class names", [*IMAGES[:-1], "imgs.npz"], "class_names",
+        _npz(class_names=np.array(["one"]))),
+    Row("npz not a zip", [*IMAGES[:-1], "imgs.npz"], "cannot read as .npz",
+        lambda root: (root / "imgs.npz").write_bytes(b"PK not really")),
     # search.proxy: what it would serve and where it would listen
     Row("proxy: port", ["--port", "0"], "--port must be from 1", cli="proxy"),
     Row("proxy: threads", ["--threads", "0"], "--threads must be from 1", cli="proxy"),
@@ -395,7 +474,7 @@ def test_the_table_covers_every_flag_of_every_command():
         given = {arg.split("=")[0] for row in ROWS if row.cli == cli for arg in row.argv}
         for action in parser._actions:
             flag = next((o for o in action.option_strings if o.startswith("--")), None)
-            if flag in (None, "--help", "--version", "--no-final"):
+            if flag is None or action.nargs == 0:  # --help, --no-final: nothing to get wrong
                 continue
             if flag not in given:
                 missing.append(f"{cli} {flag}")

@@ -294,3 +294,58 @@ def test_evaluate_refuses_a_forged_model_in_one_line(saved, tmp_path, capsys):
     assert main([str(tmp_path / "model.pt")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "does not fit the architecture" in err
+
+
+def _valid_image(kind: str) -> bytes:
+    from PIL import Image
+
+    pixels = (np.arange(12 * 10 * 3) % 251).astype(np.uint8).reshape(12, 10, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+@FUZZ
+@given(content=st.one_of(*(_mutations(_valid_image(kind)) for kind in ("PNG", "JPEG", "BMP"))),
+       channels=st.sampled_from([1, 3]))
+def test_image_reader(tmp_path, content, channels):
+    from search.images import decode_one
+
+    path = tmp_path / "image.png"
+    path.write_bytes(content)
+    try:
+        pixels = _bounded(lambda: decode_one(path, (8, 8), channels))
+    except DataError as exc:
+        assert str(path) in str(exc) and "\n" not in str(exc)
+    else:
+        assert pixels.dtype == np.uint8 and pixels.shape == (channels, 8, 8)
+
+
+_WARM: list[bool] = []
+
+
+def _valid_user_npz() -> bytes:
+    buffer = io.BytesIO()
+    x = (np.arange(30 * 6 * 6 * 3) % 251).astype(np.uint8).reshape(30, 6, 6, 3)
+    y = np.arange(30) % 3
+    np.savez(buffer, x_train=x[:24], y_train=y[:24], x_test=x[24:], y_test=y[24:],
+             class_names=np.array(["a", "b", "c"]))
+    return buffer.getvalue()
+
+
+@FUZZ
+@given(content=_mutations(_valid_user_npz()))
+def test_user_npz_reader(tmp_path, content):
+    path = tmp_path / "mine.npz"
+    options = data_module.ImageOptions(image_size=8)
+    if not _WARM:  # the first load imports scikit-learn and Pillow: not the reader's memory
+        path.write_bytes(_valid_user_npz())
+        data_module.load(str(path), images=options)
+        _WARM.append(True)
+    path.write_bytes(content)
+    try:
+        dataset = _bounded(lambda: data_module.load(str(path), images=options))
+    except DataError as exc:
+        assert "\n" not in str(exc)
+    else:
+        assert dataset.train.x.dtype == torch.uint8 and dataset.image_shape[1:] == (8, 8)

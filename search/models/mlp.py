@@ -30,8 +30,8 @@ class MLP(nn.Module):
         dropout: str = "none",
         dropout_rate: float = 0.0,
         output: str = "logits",
-        mean: float = 0.0,
-        std: float = 1.0,
+        mean: float | Sequence[float] = 0.0,  # per channel for colour images
+        std: float | Sequence[float] = 1.0,
     ) -> None:
         super().__init__()
         if len(widths) == 0 or any(int(w) < 1 for w in widths):

@@ -28,6 +28,16 @@ def describe_distribution(distribution) -> str:
     return f"{kind} in [{distribution.low:g}, {distribution.high:g}]{scale}"
 
 
+def _images_read(images: dict) -> str:
+    """How your own images were read (search.data: Dataset.images), in one cell."""
+    height, width = images["size"]
+    return (f"{'a folder' if images['kind'] == 'folder' else 'an .npz file'} "
+            f"({images['path']}): {images['channels']} channel(s), {width} x {height} px "
+            f"(Pillow {images['filter']} resize where needed), test split: "
+            f"{images['test_split']}" + ("; unreadable images skipped" if images.get(
+                "skip_bad") else ""))
+
+
 def boundary(value, distribution) -> str | None:
     """'lower' or 'upper' when a numeric value sits within BOUNDARY_SHARE of that end."""
     if isinstance(distribution, _D.CategoricalDistribution):
@@ -139,13 +149,15 @@ def build(outcome) -> list[Block]:
         ["splits", f"{len(ds.train)} train / {len(ds.val)} validation (fixed, seeded, "
                    f"stratified) / {len(ds.test)} test (final evaluation only)"],
         ["input", f"{'x'.join(map(str, ds.image_shape))} images, pixels / 255, then "
-                  + (f"repeated to 3 channels, resized to {outcome.options['input_size']} px "
+                  + (f"{'repeated to 3 channels, ' if ds.image_shape[0] == 1 else ''}resized "
+                     f"to {outcome.options['input_size']} px "
                      "and normalized with ImageNet's mean and std inside the model (below)"
                      if outcome.weights is not None else
                      f"normalized inside the model with the training split's own statistics: "
                      f"mean {_channels(ds.channel_mean)}, std {_channels(ds.channel_std)} "
                      "(validation and test images never enter them)")],
         ["classes", ", ".join(ds.classes)],
+        *([["read from", _images_read(ds.images)]] if ds.images else []),
     ])]
     blocks += [Text(f"Note: {note}") for note in ds.notes]
 
