@@ -46,7 +46,7 @@ def _load(folder: Path, cache: Path, parallel: bool) -> float:
     from search import images as images_module
 
     os.environ["SEARCH_CACHE_HOME"] = str(cache)
-    images_module.PARALLEL_FROM = 2_000 if parallel else 10**12
+    images_module.PARALLEL_FROM = 0 if parallel else 10**18
     started = time.perf_counter()
     data_module.load(str(folder))
     return time.perf_counter() - started

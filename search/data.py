@@ -327,8 +327,9 @@ def _load_folder(path: Path, options: ImageOptions) -> Dataset:
         size, channels, note = images_module.target_shape(
             [found[i] for i in readable], options.image_size, options.channels, str(path))
         images_module.check_memory(len(readable), size, channels, str(path))
-        x, kept = images_module.decode(root, [names[i] for i in readable], size, channels,
-                                       options.skip_bad)
+        x, kept = images_module.decode(
+            root, [names[i] for i in readable], size, channels, options.skip_bad,
+            pixels=sum(found[i].width * found[i].height for i in readable))
         return {"x": x, "kept": np.asarray([readable[i] for i in kept], np.int64),
                 "meta": np.asarray([*size, channels, note is not None], np.int64)}
 

@@ -39,7 +39,10 @@ MIN_SIZE, MAX_SIZE = 8, 1024
 MAX_IMAGE_PIXELS = 50_000_000
 GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 CHUNK = 256  # files per decoding job
-PARALLEL_FROM = 2_000  # fewer images decode faster in this process than processes start
+# Decoding in several processes pays from about this many source pixels: on 2 cores,
+# 4,000 PNGs of 128 px (65M pixels) loaded 1.3x sooner, 10,000 of 32 px (10M) no sooner
+# (benchmarks/image_load.py)
+PARALLEL_FROM = 30_000_000
 
 
 @dataclass(frozen=True)
@@ -211,15 +214,17 @@ def _pool(workers: int):
 
 
 def decode(root: Path, names: Sequence[str], size: tuple[int, int], channels: int,
-           skip_bad: bool = False, processes: int | None = None) -> tuple[np.ndarray, list[int]]:
+           skip_bad: bool = False, processes: int | None = None,
+           pixels: int = 0) -> tuple[np.ndarray, list[int]]:
     """uint8 [N, C, H, W] of the images `names` (relative to `root`) and the indices of those
-    decoded (all, unless `skip_bad` let unreadable ones be skipped, each logged). Many
-    images are decoded by several processes, with a progress bar on a terminal."""
+    decoded (all, unless `skip_bad` let unreadable ones be skipped, each logged), with a
+    progress bar on a terminal. `processes` None: one per core when the images hold
+    `pixels` >= PARALLEL_FROM source pixels in all, else this process alone."""
     from tqdm import tqdm
 
     jobs = [list(names[i:i + CHUNK]) for i in range(0, len(names), CHUNK)]
     workers = processes if processes is not None else (
-        min(os.cpu_count() or 1, len(jobs)) if len(names) >= PARALLEL_FROM else 1)
+        min(os.cpu_count() or 1, len(jobs)) if pixels >= PARALLEL_FROM else 1)
     pool = _pool(workers) if workers > 1 else None  # before the bar's monitor thread starts
     bar = tqdm(total=len(names), desc="decoding images", unit="img", file=sys.stderr,
                dynamic_ncols=True, disable=None)
