@@ -244,19 +244,8 @@ def _read_keras_npz(path: Path):
     read and checked (uint8, [N, 28, 28] images, N labels 0..9, no larger than the member
     holding it) before any array is, so a damaged or hostile file is one DataError, never a
     huge allocation."""
-    keys = ("x_train", "y_train", "x_test", "y_test")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
-            missing = [k for k in keys if k not in members]
-            if missing:
-                raise DataError(f"{path}: not the Keras MNIST layout (missing array "
-                                f"{', '.join(missing)})")
-            arrays = {k: _read_npy_member(archive, members[k], path) for k in keys}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{path}: cannot read as .npz ({first}); delete it to download "
-                        "MNIST again") from None
+    arrays = _npz_arrays(path, layout="not the Keras MNIST layout",
+                         advice="; delete it to download MNIST again")
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y) or x.dtype != np.uint8:
@@ -267,6 +256,28 @@ def _read_keras_npz(path: Path):
         if y.size and not 0 <= int(y.min()) <= int(y.max()) <= 9:
             raise DataError(f"{path}: y_{split} holds labels outside 0..9")
     return arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]
+
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _npz_arrays(path: Path, optional: tuple[str, ...] = (), limit: int = MAX_NPZ_MEMBER_BYTES,
+                layout: str = "", advice: str = "") -> dict[str, np.ndarray]:
+    """NPZ_KEYS and those of `optional` present, from the .npz at `path`; each array's .npy
+    header is checked against its member before the array is read (_read_npy_member).
+    Raises DataError: `layout` says what a file missing an array is not, `advice` what to
+    do with one that cannot be read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+            missing = [k for k in NPZ_KEYS if k not in members]
+            if missing:
+                raise DataError(f"{path}: {layout} (missing array {', '.join(missing)})")
+            return {k: _read_npy_member(archive, members[k], path, limit)
+                    for k in (*NPZ_KEYS, *optional) if k in members}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: cannot read as .npz ({first}){advice}") from None
 
 
 def _read_npy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path,
@@ -387,19 +398,8 @@ def _load_npz(path: Path, options: ImageOptions) -> Dataset:
     """x_train, y_train, x_test, y_test (uint8 [N, H, W] or [N, H, W, C]) and an optional
     class_names, every header checked before any array is read."""
     limit = max(MAX_NPZ_MEMBER_BYTES, (images_module.available_memory() or 0) // 2)
-    keys = ("x_train", "y_train", "x_test", "y_test")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
-            missing = [k for k in keys if k not in members]
-            if missing:
-                raise DataError(f"{path}: missing array {', '.join(missing)}; expected "
-                                "x_train, y_train, x_test, y_test (and class_names)")
-            arrays = {k: _read_npy_member(archive, members[k], path, limit)
-                      for k in (*keys, "class_names") if k in members}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{path}: cannot read as .npz ({first})") from None
+    arrays = _npz_arrays(path, ("class_names",), limit, layout="not x_train, y_train, "
+                         "x_test, y_test and optionally class_names")
     split_images = {}
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
