@@ -22,3 +22,8 @@ class StorageError(ConfigError):
 
 class TrialDiverged(Exception):
     """Training produced a non-finite or exploding loss; the trial is pruned with the reason."""
+
+
+class DeadlineReached(Exception):
+    """The search's --timeout came while a trial trained: it stops, pruned at its last
+    score, so the search ends when it was asked to."""

@@ -22,7 +22,7 @@ from search.augment import AugmentCache
 from search.cache import SizeBound
 from search.config import RunConfig, trial_seed
 from search.data import Dataset
-from search.errors import TrialDiverged
+from search.errors import DeadlineReached, TrialDiverged
 from search.features import FeatureCache, feature_split
 from search.models import count_parameters
 from search.models.vgg16 import HEADS, VGGWeights, resolve_weights
@@ -99,13 +99,16 @@ class TrialRecorder:
 class Objective:
     def __init__(self, spec: StudySpec, dataset: Dataset, cfg: RunConfig,
                  device: torch.device, weights: VGGWeights | None = None,
-                 speed: Speed | None = None) -> None:
+                 speed: Speed | None = None, deadline: float | None = None) -> None:
         """`speed`: train every trial with these settings (a replay, those its trial had);
-        None: Speed.of each trial's model on `device`."""
+        None: Speed.of each trial's model on `device`. `deadline` (time.time()): the end
+        of the search (--timeout); a trial still training then stops, pruned at its last
+        score."""
         self.spec = spec
         self.cfg = cfg
         self.device = device
         self.speed = speed
+        self.deadline = deadline
         self.image_shape = dataset.image_shape
         self.n_classes = len(dataset.classes)
         self.mean, self.std = dataset.channel_mean, dataset.channel_std
@@ -212,11 +215,14 @@ class Objective:
         try:
             train_built(built, train, val, epochs=self.cfg.epochs,
                         batch_size=self.cfg.batch_size, seed=seed, on_epoch=on_epoch,
-                        epoch_images=epoch_images, speed=speed)
+                        epoch_images=epoch_images, speed=speed, stop_at=self.deadline)
             end["best_epoch"] = best["epoch"]
         except TrialDiverged as exc:
             # a bad region of the space, not a broken run: prune, so the sampler learns it
             end["failure"] = str(exc)
+            raise optuna.TrialPruned(str(exc)) from None
+        except DeadlineReached as exc:  # the search's time is up: its value so far stands
+            end["stopped"] = str(exc)
             raise optuna.TrialPruned(str(exc)) from None
         finally:
             if seconds:

@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the study's total across every run and machine, kept in the "
                         "study: every machine stops there, and the final step runs once")
     search.add_argument("--timeout", type=float, metavar="SECONDS",
-                        help="stop starting trials after this many seconds of search")
+                        help="the search's wall-clock budget: no trial starts after it, and "
+                        "trials still training stop within a batch, pruned at their last "
+                        "score; the final step runs after it")
     search.add_argument("--epochs", type=int, metavar="N", help="epochs per trial (default: "
                         "the study's: mlp 20 on small data and about 4,200 optimizer steps on "
                         "large, cnn 8, vgg16 10)")
@@ -235,20 +237,31 @@ def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, D
                  budget.max_trials(study) - left, budget.max_trials(study), n_trials)
     reporter = TrialReporter(n_trials)
     started = time.perf_counter()
+    # --timeout is the search's wall-clock budget: no trial starts after it, and trials
+    # still training then stop within a batch, pruned at their last score
+    deadline = None if cfg.timeout is None else time.time() + cfg.timeout
     try:
         if n_trials and len(devices) > 1:  # this run's share of the study's budget
             run_workers(study, dataclasses.replace(cfg, n_trials=n_trials),
-                        devices[:n_trials], reporter, dataset, weights)
+                        devices[:n_trials], reporter, dataset, weights, deadline)
         elif n_trials:
             use_device(devices[0])
-            objective = Objective(spec, dataset, cfg, torch.device(devices[0]), weights)
+            objective = Objective(spec, dataset, cfg, torch.device(devices[0]), weights,
+                                  deadline=deadline)
             study.optimize(objective, n_trials=n_trials, timeout=cfg.timeout,
                            callbacks=[reporter, budget.StopAtBudget()], catch=TRIAL_FAILURES)
     finally:
         reporter.close()
     states = Counter(t.state.name for t in study.trials)
-    log.info("search done in %.0fs: %s", time.perf_counter() - started,
+    took = time.perf_counter() - started
+    log.info("search done in %.0fs%s: %s", took,
+             "" if cfg.timeout is None else f" (--timeout {cfg.timeout:g}s)",
              ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())))
+    stopped = [t.number for t in study.trials if t.user_attrs.get("stopped")
+               and t.datetime_start and t.datetime_start.timestamp() >= time.time() - took]
+    if stopped:
+        log.info("stopped at the deadline, pruned at their last score: trial%s %s",
+                 "s" if len(stopped) > 1 else "", ", ".join(map(str, stopped)))
     best = best_value(study)
     if best is not None:
         log.info("best trial %d: val accuracy %.4f, params %s", study.best_trial.number,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from search.errors import ConfigError, TrialDiverged
+from search.errors import ConfigError, DeadlineReached, TrialDiverged
 
 # An epoch-mean loss above this is treated as exploded: no loss here starts above ~10.
 EXPLODED_LOSS = 1e4
@@ -224,10 +224,13 @@ def fit(
     scheduler=None,
     epoch_images: Callable[[int], torch.Tensor] | None = None,
     speed: Speed | None = None,
+    stop_at: float | None = None,
 ) -> list[EpochResult]:
     """Train for `epochs`, scoring validation accuracy after each; returns the history.
 
     `on_epoch` sees each result and may raise (optuna.TrialPruned) to stop early.
+    `stop_at` (a time.time() deadline) is checked after every batch: past it, DeadlineReached
+    stops the training within one batch.
     `scheduler` is stepped after every batch. `epoch_images(epoch)` (1-based) gives the
     uint8 training images of that epoch on the device, shaped like `train.x`; the labels
     stay `train.y`. `speed` overrides Speed.of(model, device) (benchmarks compare them).
@@ -258,6 +261,8 @@ def fit(
             if scheduler is not None:
                 scheduler.step()
             total += loss.detach() * index.numel()
+            if stop_at is not None and time.time() >= stop_at:
+                raise DeadlineReached(f"--timeout reached in epoch {epoch}")
         mean_loss = float(total) / n  # one device sync per epoch
         if not math.isfinite(mean_loss) or mean_loss > EXPLODED_LOSS:
             raise TrialDiverged(f"training loss became {mean_loss:.4g} in epoch {epoch}")
@@ -272,7 +277,7 @@ def fit(
 def train_built(built, train: DeviceSplit, val: DeviceSplit, *, epochs: int, batch_size: int,
                 seed: int, on_epoch: Callable[[EpochResult], None] | None = None,
                 epoch_images: Callable[[int], torch.Tensor] | None = None,
-                speed: Speed | None = None) -> list[EpochResult]:
+                speed: Speed | None = None, stop_at: float | None = None) -> list[EpochResult]:
     """fit() a `search.registry.Built` whose model is already on the device: makes its
     optimizer (fused when `speed` says so) and its schedule over every batch of `epochs`.
     `speed` None is Speed.of(model, device). Raises what fit() raises."""
@@ -282,7 +287,7 @@ def train_built(built, train: DeviceSplit, val: DeviceSplit, *, epochs: int, bat
     return fit(built.model, built.loss_fn, optimizer, train, val, epochs=epochs,
                batch_size=batch_size, seed=seed, on_epoch=on_epoch,
                scheduler=built.make_scheduler(optimizer, steps), epoch_images=epoch_images,
-               speed=speed)
+               speed=speed, stop_at=stop_at)
 
 
 _eval_batches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {shape: n}

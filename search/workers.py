@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from dataclasses import asdict
 
@@ -146,7 +147,8 @@ def adopt(environ: dict[str, str] | None) -> None:
 
 
 def _worker(cfg_dict: dict, study_name: str, device: str, index: int, target: int,
-            threads: int, dataset, environ: dict[str, str] | None = None) -> None:
+            threads: int, dataset, environ: dict[str, str] | None = None,
+            deadline: float | None = None) -> None:
     """Entry point of one worker process. It uses nothing of the parent's but its arguments
     (a fork has the parent's memory, but opens its own storage and sets its own logging):
     the data is one of them, its training and validation splits only; `environ`, the
@@ -175,19 +177,22 @@ def _worker(cfg_dict: dict, study_name: str, device: str, index: int, target: in
         study.sampler = make_sampler(cfg.sampler, cfg.seed)  # seeded per trial number
         study.pruner = make_pruner(cfg.pruner, cfg.epochs)
         _pull_trials(study, Objective(registry.get(cfg.study), dataset, cfg,
-                                      torch.device(device)), cfg, target)
+                                      torch.device(device), deadline=deadline), cfg, target)
     except ConfigError as exc:
         print(f"worker {index}: error: {exc}", file=sys.stderr)
         sys.exit(2)
 
 
 def _pull_trials(study: optuna.Study, objective, cfg: RunConfig, target: int) -> None:
-    """One worker's share: trials of `study` until it holds `target` counted trials, or
-    --n-trials / --timeout of this worker run out (a failed trial fails alone)."""
+    """One worker's share: trials of `study` until it holds `target` counted trials, the
+    run's --n-trials are used, or its deadline (objective.deadline, the same for every
+    worker) comes: no trial starts after it, and a running one stops there (a failed trial
+    fails alone)."""
     from search.objective import TRIAL_FAILURES
 
-    if budget.budget_used(study) < target:
-        study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout,
+    left = None if objective.deadline is None else objective.deadline - time.time()
+    if budget.budget_used(study) < target and (left is None or left > 0):
+        study.optimize(objective, n_trials=cfg.n_trials, timeout=left,
                        callbacks=[budget.StopAtBudget(target)], catch=TRIAL_FAILURES)
 
 
@@ -213,14 +218,15 @@ def fail_and_retry(study: optuna.Study, pid: int, retry: bool = True) -> list[in
 
 
 def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporter,
-                dataset, weights=None) -> None:
+                dataset, weights=None, deadline: float | None = None) -> None:
     """Run this run's --n-trials on every entry of `devices`: this process runs trials on the
     first while a spawned process runs each other one (this process has its data loaded and
     its imports done already: its first trial starts seconds before a spawned worker's);
     `reporter(study, trial)` sees each finished trial, from a thread of this process. A worker
     that dies (killed, out of host memory) has its trial failed and retried, and is replaced
-    while the budget is not used. Raises ConfigError when this process's own trials cannot
-    run (the workers' configuration is the same)."""
+    while the budget is not used. Every worker stops at `deadline` (time.time(); --timeout).
+    Raises ConfigError when this process's own trials cannot run (the workers'
+    configuration is the same)."""
     from search.objective import Objective
 
     target = budget.budget_used(study) + cfg.n_trials
@@ -237,7 +243,7 @@ def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporte
         how = _context(_unforked_method()) if replacement and method == "fork" else context
         process = how.Process(target=_worker, name=f"search-worker-{slot}", args=(
             asdict(cfg), study.study_name, devices[slot], slot, target, threads, searched,
-            dict(os.environ)))
+            dict(os.environ), deadline))
         process.start()
         return process
 
@@ -257,7 +263,8 @@ def run_workers(study: optuna.Study, cfg: RunConfig, devices: list[str], reporte
     use_device(here)
     try:
         _pull_trials(study, Objective(registry.get(cfg.study), searched, cfg,
-                                      torch.device(here), weights), cfg, target)
+                                      torch.device(here), weights, deadline=deadline),
+                     cfg, target)
         monitor.join()  # until every worker has finished its trials
     except BaseException:  # Ctrl-C, or this process's own error: the workers stop too
         monitor.stop()

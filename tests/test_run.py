@@ -390,3 +390,68 @@ def test_a_worker_makes_its_own_gpu_the_current_one(monkeypatch, tmp_path):
         torch.set_num_threads(threads)
         optuna.logging.set_verbosity(verbosity)
     assert built == [["cuda:3"]]  # current before the objective was built
+
+
+# trials that would train for minutes (10,000 epochs of digits, never pruned): only the
+# deadline can end them
+ENDLESS = ["--study", "mlp", "--data", "digits", "--epochs", "10000", "--pruner", "none",
+           "--no-final"]
+
+
+def _search_seconds(stderr: str) -> float:
+    import re
+
+    found = re.search(r"search done in (\d+)s \(--timeout (\S+)s\)", stderr)
+    assert found, stderr[-2000:]
+    return float(found.group(1))
+
+
+# one worker trains within a second of the search's start; two start in a few seconds (the
+# deadline counts them), so their timeout is longer
+@pytest.mark.parametrize("workers,timeout", [("1", 3), ("2", 10)])
+def test_the_search_ends_at_its_timeout_and_running_trials_stop_there(tmp_path, workers,
+                                                                      timeout):
+    db = tmp_path / "s.db"
+    result = run_cli(*ENDLESS, "--workers", workers, "--timeout", str(timeout), "--storage",
+                     f"sqlite:///{db}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _search_seconds(result.stderr) <= timeout + 10
+    study = optuna.load_study(study_name="mlp-digits", storage=f"sqlite:///{db}")
+    trials = study.get_trials()
+    assert len(trials) <= int(workers)  # no trial started after the deadline
+    if workers == "1":
+        assert trials  # this process's first trial starts at once
+    for trial in trials:
+        assert trial.state == optuna.trial.TrialState.PRUNED
+        assert "--timeout reached" in trial.user_attrs["stopped"]
+        if trial.intermediate_values:  # its value is its last score
+            assert trial.value == trial.intermediate_values[max(trial.intermediate_values)]
+    assert ("stopped at the deadline, pruned at their last score" in result.stderr) == bool(
+        trials)
+
+
+def test_a_deadline_stops_training_within_its_first_batch(digits):
+    import time
+
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from search import registry
+    from search.errors import DeadlineReached
+    from search.train import DeviceSplit, train_built
+    from spaces import mlp as mlp_space
+
+    built = registry.get("mlp").build(mlp_space.LECTURE, digits.image_shape, 10,
+                                      digits.channel_mean, digits.channel_std)
+    steps = []
+    cpu = torch.device("cpu")
+    train, val = DeviceSplit.of(digits.train, cpu), DeviceSplit.of(digits.val, cpu)
+    hook = register_optimizer_step_post_hook(
+        lambda *args: steps.append(1))
+    try:
+        with pytest.raises(DeadlineReached, match="in epoch 1"):
+            train_built(built, train, val, epochs=50, batch_size=64, seed=0,
+                        stop_at=time.time() - 1)
+    finally:
+        hook.remove()
+    assert len(steps) == 1  # one optimizer step: stopped after the first batch
