@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +63,6 @@ class Listing:
     files: tuple[ImageFile, ...]
     has_test: bool  # train/ and test/ subfolders: the test split is given
     ignored: int = 0  # files that are not images (by suffix)
-    notes: tuple[str, ...] = field(default=())
 
     def key(self) -> list:
         """What the decoded arrays depend on in the folder: every file's name, size and
@@ -137,8 +136,10 @@ def _open(path: Path):
                         "safely); shrink it") from None
     except Exception as exc:  # noqa: BLE001 - any of a damaged file's errors in Pillow's parsers
         raise DataError(f"{path}: not an image Pillow can read ({_first(exc)})") from None
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise DataError(f"{path}: {image.width} x {image.height} pixels, more than "
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise DataError(f"{path}: {width} x {height} pixels, more than "
                         f"{MAX_IMAGE_PIXELS:,} (too large to decode safely); shrink it")
     return image
 

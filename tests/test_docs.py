@@ -179,19 +179,26 @@ def test_the_several_machines_commands_run_as_written(postgres_url, study_name, 
     _one_study_one_final(outputs, postgres_url, study_name, tmp_path)
 
 
-def test_the_proxy_commands_run_as_written(postgres_url, study_name, tmp_path):
+def test_the_proxy_commands_run_as_written(study_name, tmp_path):
+    """Through a proxy in front of an SQLite file here (the same proxy serves PostgreSQL: its
+    storage.open is the one the test above uses), so it runs where no server is."""
     serve, command = _tested_block("proxy")
     port = _free_port()
     served = _as_tested(serve, study_name, **{"--host 0.0.0.0": "--host 127.0.0.1",
                                               "--port 13000": f"--port {port}"})
     assert served[:3] == ["python", "-m", "search.proxy"], served
-    args = [postgres_url if w == "$OPTUNA_STORAGE" else w for w in served[3:]]
+    database = f"sqlite:///{tmp_path / 'shared.db'}"
+    args = [database if w == "$OPTUNA_STORAGE" else w for w in served[3:]]
     server = _command("search.proxy", args, tmp_path)
     try:
         url = f"grpc://127.0.0.1:{port}"
         outputs = _machines(_as_tested(command, study_name,
                                        **{"grpc://proxyhost:13000": url}), "", tmp_path)
         _one_study_one_final(outputs, url, study_name, tmp_path)
+        # the final step's claim through the proxy: a study of its own, recorded in the study
+        claims = [s.study_name for s in optuna.get_all_study_summaries(storage.open(url))
+                  if s.study_name.startswith(f"{study_name}:final_claim:")]
+        assert len(claims) == 1
     finally:
         server.terminate()
         server.communicate(timeout=60)

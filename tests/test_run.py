@@ -379,7 +379,7 @@ def test_a_worker_makes_its_own_gpu_the_current_one(monkeypatch, tmp_path):
     monkeypatch.setattr(workers, "_pull_trials", lambda *args: None)
     built = []
     monkeypatch.setattr(objective_module, "Objective",
-                        lambda *args: built.append(list(current)))
+                        lambda *args, **kwargs: built.append(list(current)))
     url = f"sqlite:///{tmp_path / 's.db'}"
     optuna.create_study(storage=url, study_name="s")
     threads, verbosity = torch.get_num_threads(), optuna.logging.get_verbosity()
