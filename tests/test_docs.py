@@ -162,11 +162,19 @@ def _machines(command: list[str], env_url: str, tmp_path: Path, n: int = 2):
 
 
 def _one_study_one_final(outputs, url: str, study_name: str, tmp_path: Path) -> None:
+    """The machines shared one budget exactly, drew apart, left nothing running, and one of
+    them ran the final step while the others said they left it."""
     for machine, _, err in outputs:
         assert machine.returncode == 0, err[-2000:]
     study = optuna.load_study(study_name=study_name, storage=storage.open(url))
-    assert budget.budget_used(study) == 6
+    assert budget.budget_used(study) == 6  # exactly, though each machine may add 20
+    trials = study.get_trials()
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    counted = [tuple(sorted(t.params.items())) for t in trials
+               if not t.user_attrs.get(budget.OVER_BUDGET)]
+    assert len(set(counted)) == len(counted)  # no two machines drew the same trial
     assert sum("final model: test accuracy" in err for _, _, err in outputs) == 1
+    assert sum("final step:" in err for _, _, err in outputs) == len(outputs) - 1
     assert len([p for p in tmp_path.glob(f"m*/{study_name}") if p.is_dir()]) == 1
 
 
@@ -175,7 +183,7 @@ def test_the_several_machines_commands_run_as_written(postgres_url, study_name, 
     assert export.startswith('export OPTUNA_STORAGE="postgresql://')
     outputs = _machines(_as_tested(command, study_name, **{'"$OPTUNA_STORAGE"':
                                                            "$OPTUNA_STORAGE"}),
-                        postgres_url, tmp_path)
+                        postgres_url, tmp_path, n=3)
     _one_study_one_final(outputs, postgres_url, study_name, tmp_path)
 
 

@@ -1,7 +1,7 @@
 """Several machines on one study, killed workers, Ctrl-C, resuming with other settings.
 
-"Machines" are real `python -m search.run` processes sharing one PostgreSQL study (the
-docs/scaling.md's recipe); "workers" are the processes of one `--workers 2` run.
+"Workers" are the processes of one `--workers 2` run. Machines sharing one PostgreSQL
+study, as docs/scaling.md writes the commands: tests/test_docs.py.
 """
 
 from __future__ import annotations
@@ -36,29 +36,6 @@ def _start(args, cwd, **kwargs):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "search.run", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
-
-
-def test_machines_share_one_budget_draw_apart_and_finalize_once(postgres_url, study_name,
-                                                                tmp_path):
-    machines = [_start([*TINY, "--storage", postgres_url, "--study-name", study_name,
-                        "--n-trials", "50", "--max-trials", "9", "--epochs", "2",
-                        "--final-seeds", "1", "--runs-dir", str(tmp_path / f"runs{i}"),
-                        "--artifact-dir", str(tmp_path / "artifacts")], cwd=tmp_path)
-                for i in range(3)]
-    outputs = [m.communicate(timeout=600) for m in machines]
-    for machine, (_, err) in zip(machines, outputs, strict=True):
-        assert machine.returncode == 0, err
-    study = optuna.load_study(study_name=study_name, storage=postgres_url)
-    assert budget.budget_used(study) == 9  # exactly, though 3 machines each asked for 50
-    trials = study.get_trials()
-    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-    counted = [t for t in trials if not t.user_attrs.get(budget.OVER_BUDGET)]
-    drawn = [tuple(sorted(t.params.items())) for t in counted]
-    assert len(set(drawn)) == len(drawn)  # no two machines drew the same trial
-    finals = [err for _, err in outputs if "final model: test accuracy" in err]
-    assert len(finals) == 1, [err[-500:] for _, err in outputs]
-    assert sum("final step:" in err for _, err in outputs) == 2
-    assert len([p for p in tmp_path.glob("runs*/" + study_name) if p.is_dir()]) == 1
 
 
 def test_a_killed_worker_is_failed_retried_and_replaced(tmp_path):

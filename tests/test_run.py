@@ -408,7 +408,7 @@ def _search_seconds(stderr: str) -> float:
 
 # one worker trains within a second of the search's start; two start in a few seconds (the
 # deadline counts them), so their timeout is longer
-@pytest.mark.parametrize("workers,timeout", [("1", 3), ("2", 10)])
+@pytest.mark.parametrize("workers,timeout", [("1", 3), ("2", 8)])
 def test_the_search_ends_at_its_timeout_and_running_trials_stop_there(tmp_path, workers,
                                                                       timeout):
     db = tmp_path / "s.db"
