@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from search.errors import ConfigError
+from search.images import MAX_SIZE as MAX_IMAGE_SIZE
+from search.images import MIN_SIZE as MIN_IMAGE_SIZE
 
 # The choices of --sampler, --pruner and --references, each with what --help says of it
 SAMPLERS = {
@@ -48,7 +50,6 @@ MAX_BATCH_SIZE = 65_536
 MAX_WORKERS = 256
 MAX_FINAL_SEEDS = 100
 MAX_INPUT_SIZE = 1024
-MIN_IMAGE_SIZE = 8  # --image-size: smaller than scikit-learn's 8x8 digits holds nothing
 MAX_TIMEOUT_S = 30 * 24 * 3600
 MAX_SEED = 2**31 - 2  # trial seeds are taken modulo 2**31 - 1
 # a study name becomes a folder name under --runs-dir: one path component, no leading dot
@@ -136,9 +137,9 @@ class RunConfig:
             raise ConfigError(f"--input-size must be from 32 (VGG16 halves it five times) to "
                               f"{MAX_INPUT_SIZE}, got {self.input_size:,}")
         if self.image_size is not None and not MIN_IMAGE_SIZE <= self.image_size <= (
-                MAX_INPUT_SIZE):
+                MAX_IMAGE_SIZE):
             raise ConfigError(f"--image-size must be from {MIN_IMAGE_SIZE} to "
-                              f"{MAX_INPUT_SIZE} (pixels), got {self.image_size:,}")
+                              f"{MAX_IMAGE_SIZE} (pixels), got {self.image_size:,}")
         if self.channels not in (None, 1, 3):
             raise ConfigError(f"--channels must be 1 (grayscale) or 3 (colour), got "
                               f"{self.channels}")

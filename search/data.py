@@ -305,10 +305,7 @@ def _name_of(path: Path) -> str:
 
 
 def _load_path(path: Path, options: ImageOptions) -> Dataset:
-    if options.image_size is not None and not (
-            images_module.MIN_SIZE <= options.image_size <= images_module.MAX_SIZE):
-        raise DataError(f"--image-size must be from {images_module.MIN_SIZE} to "
-                        f"{images_module.MAX_SIZE}, got {options.image_size}")
+    """The size asked for is checked with the images' own (images.target_shape)."""
     if path.is_file() and path.suffix.lower() == ".npz":
         return _load_npz(path, options)
     if path.is_dir():
@@ -427,14 +424,10 @@ def _load_npz(path: Path, options: ImageOptions) -> Dataset:
         classes = tuple(str(i) for i in range(top + 1))
     if len(classes) < 2:
         raise DataError(f"{path}: one class; a classifier needs at least 2")
-    stored = split_images["train"].shape[3]
-    channels = options.channels or (1 if stored == 1 else 3)
-    height, width = split_images["train"].shape[1:3]
-    size = ((options.image_size, options.image_size) if options.image_size
-            else (int(height), int(width)))
-    if not (images_module.MIN_SIZE <= min(size) and max(size) <= images_module.MAX_SIZE):
-        raise DataError(f"{path}: images of {size[1]} x {size[0]} px; give --image-size "
-                        f"from {images_module.MIN_SIZE} to {images_module.MAX_SIZE}")
+    _, height, width, stored = split_images["train"].shape
+    size, channels, _ = images_module.target_shape(
+        [images_module.Header(int(width), int(height), gray=stored == 1)], options.image_size,
+        options.channels, str(path))
     out = {split: images_module.convert_array(x, channels, size)
            for split, x in split_images.items()}
     described = {"kind": "npz", "path": str(path.resolve()), "size": list(size),

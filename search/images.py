@@ -33,7 +33,7 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".
                             ".tiff", ".ppm", ".pgm", ".pbm"})
 RESIZE_FILTER = "bilinear"  # Pillow's, which averages over every source pixel when shrinking
 DEFAULT_SIZE = 32  # when the images do not all share one size
-MIN_SIZE, MAX_SIZE = 8, 1024
+MIN_SIZE, MAX_SIZE = 8, 1024  # --image-size: under 8 px (scikit-learn's digits) holds nothing
 # An image of more pixels than this is refused before its pixels are decoded: a
 # decompression bomb (a small PNG that inflates to gigabytes) costs nothing to reject.
 MAX_IMAGE_PIXELS = 50_000_000
@@ -230,6 +230,7 @@ def decode(root: Path, names: Sequence[str], size: tuple[int, int], channels: in
     bar = tqdm(total=len(names), desc="decoding images", unit="img", file=sys.stderr,
                dynamic_ncols=True, disable=None)
     parts, kept, skipped = [], [], []
+    broken = False
     try:
         if pool is None:
             results = (_decode_chunk(str(root), job, size, channels, skip_bad) for job in jobs)
@@ -243,15 +244,14 @@ def decode(root: Path, names: Sequence[str], size: tuple[int, int], channels: in
             skipped += why
             bar.update(len(jobs[number]))
     except BrokenProcessPool:  # a decoding process died (killed, out of memory): once more here
-        log.warning("a decoding process died; decoding in this process instead")
-        bar.close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-        return decode(root, names, size, channels, skip_bad, processes=1)
+        broken = True
     finally:
         bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+    if broken:
+        log.warning("a decoding process died; decoding in this process instead")
+        return decode(root, names, size, channels, skip_bad, processes=1)
     for reason in skipped:
         log.warning("skipped: %s", reason)
     if skipped:
