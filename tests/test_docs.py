@@ -111,18 +111,19 @@ def test_every_command_the_pages_show_parses(page, command):
         assert exc.code == 0, f"{page}: {command!r} does not parse (exit {exc.code})"
 
 
-# what how-the-product-was-made text looks like (split so this file does not match itself)
-MADE = re.compile("|".join([
-    r"\bissues? #?\d", r"\bwork[- ]items?\b", r"\bwas lent\b",
-    r"\b(?:this|previous|last|next|earlier|later|second|third|fourth|fifth) " + "session",
-]), re.IGNORECASE)
+# Words that describe the making of the product rather than the product: a tracker's item
+# numbers and names for its tasks, a machine's loan, a work period named by its order. Each
+# is written in two halves, so that this file, scanned too, does not match itself.
+MADE_WORDS = [(r"\biss", r"ues? #?\d"), (r"\bwork[- ]it", r"ems?\b"), (r"\bwas le", r"nt\b"),
+              (r"\b(?:this|previous|last|next|earlier|later|second|third|fourth|fifth) ses",
+               "sion")]
+MADE = re.compile("|".join(first + second for first, second in MADE_WORDS), re.IGNORECASE)
 
 
 def test_no_file_speaks_of_how_the_product_was_made():
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    files = [ROOT / name for name in listed if name.endswith((".py", ".md", ".sh", ".toml"))
-             and name != "tests/test_docs.py"]
+    files = [ROOT / name for name in listed if name.endswith((".py", ".md", ".sh", ".toml"))]
     assert len(files) > 50
     found = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
              for path in files if path.is_file()
