@@ -98,6 +98,22 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def add_final_options(group) -> None:
+    """The final step's flags, which search.run and search.final share."""
+    group.add_argument("--final-seeds", type=int, default=3, metavar="N",
+                       help="seeds the best config and each reference config are retrained "
+                       "with")
+    group.add_argument("--final-epochs", type=int, metavar="N",
+                       help="the most epochs of each final retrain (default: twice the best "
+                       "trial's epochs: the cost is paid once)")
+    group.add_argument("--final-patience", type=int, metavar="P",
+                       help="stop a final retrain after P epochs without a better validation "
+                       "accuracy, keeping its best epoch (default: half the best trial's "
+                       "epochs, at least 2; 0: never stop early)")
+    group.add_argument("--runs-dir", default="runs", metavar="DIR",
+                       help="the final model and report go to DIR/<study-name>/")
+
+
 class _TqdmHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         tqdm.write(self.format(record), file=sys.stderr)

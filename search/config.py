@@ -6,6 +6,7 @@ study's user attributes so a study says how it was made.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
@@ -62,7 +63,25 @@ def _BOUNDS(cfg: RunConfig) -> tuple:  # noqa: N802 (a table)
             ("--batch-size", cfg.batch_size, MAX_BATCH_SIZE),
             ("--workers", cfg.workers, MAX_WORKERS),
             ("--workers-per-device", cfg.workers_per_device, MAX_WORKERS),
-            ("--final-seeds", cfg.final_seeds, MAX_FINAL_SEEDS))
+            ("--final-seeds", cfg.final_seeds, MAX_FINAL_SEEDS),
+            ("--final-epochs", cfg.final_epochs, MAX_EPOCHS))
+
+
+# The final retrain trains each config for up to FINAL_EPOCH_FACTOR x the best trial's
+# epochs (its cost is paid once, not per trial) and stops after the patience without a better
+# validation accuracy, keeping its best epoch
+FINAL_EPOCH_FACTOR = 2
+MIN_PATIENCE = 2
+
+
+def final_training(cfg: RunConfig, trial_epochs: int) -> tuple[int, int | None]:
+    """(the most epochs, the patience or None for never) of each final retrain, for a best
+    trial that ran `trial_epochs`: --final-epochs and --final-patience where given."""
+    bound = cfg.final_epochs or FINAL_EPOCH_FACTOR * trial_epochs
+    patience = cfg.final_patience
+    if patience is None:
+        patience = max(MIN_PATIENCE, math.ceil(trial_epochs / 2))
+    return bound, patience or None
 
 
 def check_study_name(name: str) -> str:
@@ -99,6 +118,11 @@ class RunConfig:
     references: str | None = None  # one of REFERENCE_MODES; None: the study's default
     final: bool = True
     final_seeds: int = 3
+    # the most epochs of each final retrain; None: FINAL_EPOCH_FACTOR x the best trial's
+    final_epochs: int | None = None
+    # stop a final retrain after this many epochs without a better validation accuracy;
+    # None: half the best trial's epochs (at least MIN_PATIENCE); 0: never stop early
+    final_patience: int | None = None
     runs_dir: str = "runs"  # final models and reports go to <runs_dir>/<study-name>/
     artifact_dir: str | None = None  # None: beside the SQLite file, else ./artifacts
     cache_dir: str | None = None  # None: beside the SQLite file (studies-cache/), else ./cache
@@ -116,6 +140,9 @@ class RunConfig:
         for flag, value, top in _BOUNDS(self):
             if value is not None and not 1 <= value <= top:
                 raise ConfigError(f"{flag} must be between 1 and {top:,}, got {value:,}")
+        if self.final_patience is not None and not 0 <= self.final_patience <= MAX_EPOCHS:
+            raise ConfigError(f"--final-patience must be between 0 (never stop early) and "
+                              f"{MAX_EPOCHS:,}, got {self.final_patience:,}")
         if self.timeout is not None and not 0 < self.timeout <= MAX_TIMEOUT_S:
             raise ConfigError(f"--timeout must be seconds between 0 and {MAX_TIMEOUT_S:,} "
                               f"(30 days), got {self.timeout}")

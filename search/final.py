@@ -31,8 +31,8 @@ from search import data as data_module
 from search import export, registry
 from search import metrics as metrics_module
 from search.cache import SizeBound
-from search.cli import Parser, Steps, describe, run_command, setup_logging
-from search.config import RunConfig, check_writable, trial_seed, versions
+from search.cli import Parser, Steps, add_final_options, describe, run_command, setup_logging
+from search.config import RunConfig, check_writable, final_training, trial_seed, versions
 from search.data import Dataset
 from search.errors import ConfigError
 from search.features import FeatureCache, backbone_ms_per_image, backbone_speed
@@ -75,10 +75,14 @@ class Outcome:
     options: dict = field(default_factory=dict)  # builder options saved in model.json
     backbone_ms: float | None = None  # per image, of the frozen part (vgg16)
     feature_precision: str = ""  # what the cached features were made at (vgg16)
+    # the final retrain's trial_epochs, max_epochs and patience (None: no early stopping)
+    schedule: dict = field(default_factory=dict)
 
 
-def _reproduce_command(study: optuna.Study, cfg: RunConfig) -> str:
+def _reproduce_command(study: optuna.Study, cfg: RunConfig, schedule: dict) -> str:
     made = study.user_attrs.get("config", {})
+    final = ["--final-seeds", str(cfg.final_seeds), "--final-epochs",
+             str(schedule["max_epochs"]), "--final-patience", str(schedule["patience"] or 0)]
     run = ["python", "-m", "search.run", "--study", study.user_attrs.get("study", cfg.study),
            "--data", study.user_attrs.get("data", {}).get("dataset", cfg.data),
            "--storage", storage.shown(cfg.storage), "--study-name", study.study_name,
@@ -86,9 +90,9 @@ def _reproduce_command(study: optuna.Study, cfg: RunConfig) -> str:
            "--epochs", str(made.get("epochs", cfg.epochs)),
            "--sampler", made.get("sampler", cfg.sampler),
            "--pruner", made.get("pruner", cfg.pruner),
-           "--n-trials", str(len(study.trials)), "--final-seeds", str(cfg.final_seeds)]
+           "--n-trials", str(len(study.trials)), *final]
     redo = ["python", "-m", "search.final", "--storage", storage.shown(cfg.storage),
-            "--study-name", study.study_name, "--final-seeds", str(cfg.final_seeds)]
+            "--study-name", study.study_name, *final]
     replay = ["python", "-m", "search.replay", "--storage", storage.shown(cfg.storage),
               "--study-name", study.study_name, "--trial", str(study.best_trial.number)]
     devices = {t.user_attrs.get("device", "?") for t in study.trials} - {"?"}
@@ -130,10 +134,14 @@ def run_final(study: optuna.Study, cfg: RunConfig,
     params = spec.suggest(optuna.trial.FixedTrial(best_trial.params))
     # a trial's own settings (older studies stored epochs and batch_size as attrs of their own)
     ran_with = {**best_trial.user_attrs, **best_trial.user_attrs.get("settings", {})}
-    epochs = int(ran_with.get("epochs", cfg.epochs))
+    trial_epochs = int(ran_with.get("epochs", cfg.epochs))
+    epochs, patience = final_training(cfg, trial_epochs)
     seeds = [trial_seed(cfg.seed, FINAL_SEED_OFFSET + k) for k in range(cfg.final_seeds)]
     log.info("final: retraining trial %d's params and %d reference configs with seeds %s, "
-             "%d epochs each", best_trial.number, len(spec.references), seeds, epochs)
+             "up to %d epochs each (trials ran %d)%s", best_trial.number, len(spec.references),
+             seeds, epochs, trial_epochs,
+             f", stopped after {patience} without a better validation accuracy"
+             if patience else "")
 
     cache = storage.cache_dir(cfg.storage, cfg.cache_dir)
     bound = SizeBound.gigabytes(cache, cfg.cache_max_gb)
@@ -150,7 +158,8 @@ def run_final(study: optuna.Study, cfg: RunConfig,
     try:
         def train(config_params, label):
             return retrain(spec, config_params, label, dataset, seeds=seeds, epochs=epochs,
-                           batch_size=batch_size, device=device, augment=augment,
+                           patience=patience, batch_size=batch_size, device=device,
+                           augment=augment,
                            features=features, input_size=cfg.input_size, progress=steps)
 
         results = {"best found": train(params, "best found")}
@@ -173,7 +182,9 @@ def run_final(study: optuna.Study, cfg: RunConfig,
                           options={"input_size": cfg.input_size, "fold": True} if weights
                           else {})
         try:
-            _write_run(outcome, cfg, params, epochs, batch_size, device, opened, steps)
+            _write_run(outcome, cfg, params, {"trial_epochs": trial_epochs,
+                                              "max_epochs": epochs, "patience": patience},
+                       batch_size, device, opened, steps)
             _publish(staging, directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # gone after the move; left by a failure
@@ -195,11 +206,13 @@ WRITE_STEPS = ("model saved, reloaded into a new instance and scored on the test
                "report written", "files attached to the study for optuna-dashboard")
 
 
-def _write_run(outcome: Outcome, cfg: RunConfig, params, epochs: int, batch_size: int,
+def _write_run(outcome: Outcome, cfg: RunConfig, params, schedule: dict, batch_size: int,
                device: torch.device, opened, steps: Steps) -> None:
-    """The run folder's files, in outcome.directory."""
+    """The run folder's files, in outcome.directory; `schedule`: the final retrain's
+    trial_epochs, max_epochs and patience."""
     study, dataset, weights = outcome.study, outcome.dataset, outcome.weights
-    _save_and_reload(outcome, params, epochs, batch_size, steps)
+    outcome.schedule = schedule
+    _save_and_reload(outcome, params, schedule, batch_size, steps)
     if weights is not None:
         outcome.backbone_ms = backbone_ms_per_image(weights, cfg.input_size, dataset.test.x,
                                                     device)
@@ -209,7 +222,7 @@ def _write_run(outcome: Outcome, cfg: RunConfig, params, epochs: int, batch_size
     if outcome.spec.augments:
         outcome.augmentation = report_sections.gather_augmentation(study)
     write_figures(outcome)
-    outcome.command = _reproduce_command(study, cfg)
+    outcome.command = _reproduce_command(study, cfg, schedule)
     render.write(report_content.build(outcome), outcome.directory, f"Study {study.study_name}")
     steps(WRITE_STEPS[2])
 
@@ -257,7 +270,7 @@ def _applied_normalization(model: torch.nn.Module) -> dict:
     return {"mean": layer.mean.flatten().tolist(), "std": layer.std.flatten().tolist()}
 
 
-def _save_and_reload(outcome: Outcome, params, epochs: int, batch_size: int,
+def _save_and_reload(outcome: Outcome, params, schedule: dict, batch_size: int,
                      steps: Steps) -> None:
     spec, dataset, run = outcome.spec, outcome.dataset, outcome.results["best found"].best_run()
     backbone = {} if outcome.weights is None else {"weights_state": outcome.weights.state}
@@ -276,7 +289,10 @@ def _save_and_reload(outcome: Outcome, params, epochs: int, batch_size: int,
                   "std": list(dataset.channel_std), "normalized_inside_model": True,
                   "applied": _applied_normalization(model)},
         "classes": list(dataset.classes), "data": dataset.describe(),
-        "training": {"epochs": epochs, "best_epoch": run.best_epoch, "seed": run.seed,
+        # epochs: what the saved seed trained (of at most max_epochs, early stopping after
+        # `patience`); trial_epochs: what the search's trials ran
+        "training": {"epochs": run.epochs_trained, "best_epoch": run.best_epoch,
+                     **schedule, "seed": run.seed,
                      "seeds": [r.seed for r in outcome.results["best found"].runs],
                      "batch_size": batch_size},
         "n_parameters": outcome.results["best found"].n_parameters,
@@ -319,17 +335,13 @@ def build_parser() -> Parser:
                         help="the study to finish, as search.run named it; required")
     parser.add_argument("--storage", default=storage.DEFAULT_URL, metavar="URL",
                         help="where the study is kept (as search.run's --storage)")
-    parser.add_argument("--final-seeds", type=int, default=3, metavar="N",
-                        help="seeds the best config and each reference config are retrained "
-                        "with")
     parser.add_argument("--data-dir", metavar="DIR", help="folder with the study's IDX files, "
                         "if they moved since the search (default: where the study found "
                         "them, else $SEARCH_DATA_DIR or ./data)")
     parser.add_argument("--device", default="auto", metavar="DEVICE",
                         help="auto (the first GPU CUDA can run on, else the CPU), cpu, cuda "
                         "or cuda:N")
-    parser.add_argument("--runs-dir", default="runs", metavar="DIR",
-                        help="the final model and report go to DIR/<study-name>/")
+    add_final_options(parser)
     parser.add_argument("--artifact-dir", metavar="DIR", help="Optuna artifact store "
                         "(default: beside the SQLite file, e.g. studies-artifacts/, else "
                         "./artifacts)")
@@ -350,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         study, opened = load_existing(args.storage, args.study_name)
         cfg = config_of_study(study, storage=args.storage, device=args.device,
                               data_dir=args.data_dir, final_seeds=args.final_seeds,
-                              runs_dir=args.runs_dir, artifact_dir=args.artifact_dir)
+                              final_epochs=args.final_epochs,
+                              final_patience=args.final_patience, runs_dir=args.runs_dir,
+                              artifact_dir=args.artifact_dir)
         run_final(study, cfg, opened)
 
     return run_command(body, "the previous final run's files are as they were; run the "

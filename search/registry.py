@@ -186,11 +186,13 @@ STUDIES: Mapping[str, StudySpec] = MappingProxyType({
                   "and rate, activation/loss pair, optimizer and learning rate",
                   build_mlp, default_epochs=20, steps_per_trial=STEPS_PER_MLP_TRIAL,
                   workers_per_gpu=4, default_references="skip"),
-    # a CNN epoch costs ~10x an MLP's on a CPU, and pruning cuts the rest
+    # a CNN epoch costs ~10x an MLP's on a CPU, and pruning cuts the rest. The reference
+    # nets stay out of the search (the final step retrains them): run in full they took
+    # most of a short search (mnist-5k, 100 s: 3 trials against 12; benchmarks/RESULTS.md)
     "cnn": _study(cnn_space, "cnn", "CNN: conv channels array, kernel, batch norm, pooling, "
                   "dropout, head, activation/loss pair, optimizer, lr schedule, "
                   "albumentations strength", build_cnn, default_epochs=8, augments=True,
-                  workers_per_gpu=2),
+                  workers_per_gpu=2, default_references="skip"),
     # a head on cached features trains in well under a second per epoch
     "vgg16": _study(vgg16_space, "vgg16", "frozen torchvision VGG16 (--weights): the "
                     "exercise's replaced classifier[6] or a small new head, optimizer, lr, "

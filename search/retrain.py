@@ -1,7 +1,8 @@
 """Retraining one configuration with several seeds, for the final step of `search.run`.
 
-Each seed trains on the training split and keeps the weights of its best validation epoch
-(not the last). Test metrics are computed here, after training, on the CPU, for the report's
+Each seed trains on the training split for up to a bound of epochs, stops early once
+validation accuracy has not improved for `patience` epochs, and keeps the weights of its best
+validation epoch (not the last). Test metrics are computed here, after training, on the CPU, for the report's
 comparison; nothing here chooses anything by test score: the best seed is the best on
 validation.
 """
@@ -40,6 +41,10 @@ class SeedRun:
     def seconds_per_epoch(self) -> float:
         return statistics.fmean(r.seconds for r in self.history)
 
+    @property
+    def epochs_trained(self) -> int:
+        return len(self.history)
+
 
 @dataclass
 class ConfigResult:
@@ -69,16 +74,20 @@ class ConfigResult:
             "test_accuracy": stats([r.test["accuracy"] for r in self.runs]),
             "macro_f1": stats([r.test["macro_f1"] for r in self.runs]),
             "seconds_per_epoch": statistics.fmean(r.seconds_per_epoch for r in self.runs),
+            "best_epochs": [r.best_epoch for r in self.runs],
+            "epochs_trained": [r.epochs_trained for r in self.runs],
             "failures": self.failures,
         }
 
 
 def retrain(spec: StudySpec, params, label: str, dataset: Dataset, *, seeds: list[int],
             epochs: int, batch_size: int, device: torch.device, augment: AugmentCache,
-            features: FeatureCache | None = None, input_size: int = 32,
-            progress: Callable[[str], None] | None = None) -> ConfigResult:
-    """Train `params` once per seed, augmented copies from `augment` where the params ask
-    for them; a frozen-backbone study (spec.feature_head) trains its head on `features`, and
+            patience: int | None = None, features: FeatureCache | None = None,
+            input_size: int = 32, progress: Callable[[str], None] | None = None
+            ) -> ConfigResult:
+    """Train `params` once per seed for up to `epochs` (stopped after `patience` epochs
+    without a better validation accuracy; None: never), augmented copies from `augment` where
+    the params ask for them; a frozen-backbone study (spec.feature_head) trains its head on `features`, and
     a SeedRun's state is then the head's. A seed whose loss diverges is recorded and
     skipped. `progress` is told of each seed once it is done."""
     n_classes = len(dataset.classes)
@@ -115,7 +124,7 @@ def retrain(spec: StudySpec, params, label: str, dataset: Dataset, *, seeds: lis
         try:
             history = train_built(
                 built, train, val, epochs=epochs, batch_size=batch_size, seed=seed,
-                on_epoch=keep_best,
+                on_epoch=keep_best, patience=patience,
                 epoch_images=augment.epoch_images(built.augment, seed, epochs, device))
         except TrialDiverged as exc:
             log.warning("%s seed %d diverged: %s", label, seed, exc)
@@ -130,7 +139,7 @@ def retrain(spec: StudySpec, params, label: str, dataset: Dataset, *, seeds: lis
         result.runs.append(SeedRun(seed, history, best["epoch"], best["accuracy"],
                                    best["state"], test))
         done = (f"{label} seed {seed}: best val {best['accuracy']:.4f} at epoch "
-                f"{best['epoch']}, test {test['accuracy']:.4f}")
+                f"{best['epoch']} of {len(history)}, test {test['accuracy']:.4f}")
         if progress is None:
             log.info("final %s", done)
         else:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 import storage
 from search import budget, registry
 from search import data as data_module
-from search.cli import Parser, describe, run_command, setup_logging
+from search.cli import Parser, add_final_options, describe, run_command, setup_logging
 from search.config import PRUNERS, REFERENCE_MODES, SAMPLERS, RunConfig, check_writable
 from search.data import Dataset
 from search.errors import ConfigError
@@ -126,11 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     final.add_argument("--no-final", dest="final", action="store_false",
                        help="skip the final retrain, export and report (run it later with "
                        "python -m search.final)")
-    final.add_argument("--final-seeds", type=int, default=3, metavar="N",
-                       help="seeds the best config and each reference config are retrained "
-                       "with")
-    final.add_argument("--runs-dir", default="runs", metavar="DIR",
-                       help="the final model and report go to DIR/<study-name>/")
+    add_final_options(final)
     vgg16 = parser.add_argument_group("vgg16")
     vgg16.add_argument("--weights", default="imagenet", metavar="WEIGHTS",
                        help="the frozen backbone's weights: imagenet (torchvision's "
@@ -158,7 +154,9 @@ def config_from_args(argv: list[str] | None = None) -> RunConfig:
         storage=args.storage, study_name=args.study_name, seed=args.seed, device=args.device,
         workers=args.workers, workers_per_device=args.workers_per_device,
         sampler=args.sampler, pruner=args.pruner, references=args.references, final=args.final,
-        final_seeds=args.final_seeds, runs_dir=args.runs_dir, artifact_dir=args.artifact_dir,
+        final_seeds=args.final_seeds, final_epochs=args.final_epochs,
+        final_patience=args.final_patience, runs_dir=args.runs_dir,
+        artifact_dir=args.artifact_dir,
         cache_dir=args.cache_dir, cache_max_gb=args.cache_max_gb, weights=args.weights,
         input_size=args.input_size, image_size=args.image_size, channels=args.channels,
         test_fraction=args.test_fraction, skip_bad_images=args.skip_bad_images,

@@ -225,8 +225,12 @@ def fit(
     epoch_images: Callable[[int], torch.Tensor] | None = None,
     speed: Speed | None = None,
     stop_at: float | None = None,
+    patience: int | None = None,
 ) -> list[EpochResult]:
     """Train for `epochs`, scoring validation accuracy after each; returns the history.
+
+    `patience` (early stopping): stop once that many epochs in a row have not raised the best
+    validation accuracy so far; the history then ends at the last epoch trained.
 
     `on_epoch` sees each result and may raise (optuna.TrialPruned) to stop early.
     `stop_at` (a time.time() deadline) is checked after every batch: past it, DeadlineReached
@@ -271,13 +275,21 @@ def fit(
         history.append(result)
         if on_epoch is not None:
             on_epoch(result)
+        if patience is not None and epoch - _best_epoch(history) >= patience:
+            break
     return history
+
+
+def _best_epoch(history: list[EpochResult]) -> int:
+    """The first epoch with the highest validation accuracy of `history`."""
+    return max(history, key=lambda r: (r.val_accuracy, -r.epoch)).epoch
 
 
 def train_built(built, train: DeviceSplit, val: DeviceSplit, *, epochs: int, batch_size: int,
                 seed: int, on_epoch: Callable[[EpochResult], None] | None = None,
                 epoch_images: Callable[[int], torch.Tensor] | None = None,
-                speed: Speed | None = None, stop_at: float | None = None) -> list[EpochResult]:
+                speed: Speed | None = None, stop_at: float | None = None,
+                patience: int | None = None) -> list[EpochResult]:
     """fit() a `search.registry.Built` whose model is already on the device: makes its
     optimizer (fused when `speed` says so) and its schedule over every batch of `epochs`.
     `speed` None is Speed.of(model, device). Raises what fit() raises."""
@@ -287,7 +299,7 @@ def train_built(built, train: DeviceSplit, val: DeviceSplit, *, epochs: int, bat
     return fit(built.model, built.loss_fn, optimizer, train, val, epochs=epochs,
                batch_size=batch_size, seed=seed, on_epoch=on_epoch,
                scheduler=built.make_scheduler(optimizer, steps), epoch_images=epoch_images,
-               speed=speed, stop_at=stop_at)
+               speed=speed, stop_at=stop_at, patience=patience)
 
 
 _eval_batches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {shape: n}

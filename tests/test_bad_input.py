@@ -149,7 +149,8 @@ def _widths_changed(folder: Path) -> None:
 # --- the table -------------------------------------------------------------------------------
 
 NUMERIC = ("--n-trials", "--max-trials", "--timeout", "--epochs", "--batch-size", "--seed",
-           "--workers", "--workers-per-device", "--final-seeds", "--input-size")
+           "--workers", "--workers-per-device", "--final-seeds", "--final-epochs",
+           "--final-patience", "--input-size")
 
 
 IMAGES = ["--study", "cnn", "--n-trials", "1", "--epochs", "1", "--data", "imgs"]
@@ -195,8 +196,8 @@ def _numeric_rows() -> list[Row]:
     rows = []
     for flag in NUMERIC:
         values = ["0", "-1", "1000000000000", "many"]
-        if flag == "--seed":
-            values.remove("0")  # seed 0 is the default
+        if flag in ("--seed", "--final-patience"):
+            values.remove("0")  # seed 0 is the default; patience 0 never stops early
         if flag == "--timeout":
             values += ["nan", "inf"]
         for value in values:
@@ -311,6 +312,10 @@ ROWS = [
         setup=lambda root: _study_db(root, name="../up")),
     Row("final: seeds", ["--study-name", "mlp-digits", "--final-seeds", "0"], "--final-seeds",
         cli="final", setup=_study_db),
+    Row("final: epochs", ["--study-name", "mlp-digits", "--final-epochs", "0"],
+        "--final-epochs", cli="final", setup=_study_db),
+    Row("final: patience", ["--study-name", "mlp-digits", "--final-patience", "-1"],
+        "--final-patience", cli="final", setup=_study_db),
     Row("final: no trials", ["--study-name", "mlp-digits"], "no completed trial", cli="final",
         setup=_study_db),
     Row("final: older space", ["--study-name", "mlp-digits"], "searched in space mlp-v0",

@@ -27,7 +27,8 @@ def finished(tmp_path_factory):
     mlp_cfg = RunConfig(study="mlp", n_trials=2, epochs=2, **common)
     mlp_study, opened, dataset = search(mlp_cfg)
     mlp_outcome = final_module.run_final(mlp_study, mlp_cfg, opened, dataset)
-    cfg = RunConfig(study="cnn", n_trials=3, epochs=3, **common)
+    # the reference nets in the search (the cnn default leaves them to the final step)
+    cfg = RunConfig(study="cnn", n_trials=3, epochs=3, references="full", **common)
     study, opened, dataset = search(cfg)
     outcome = final_module.run_final(study, cfg, opened, dataset)
     return cfg, study, outcome, root, mlp_outcome

@@ -16,7 +16,7 @@ import torch
 import storage
 from search import evaluate as evaluate_module
 from search import final as final_module
-from search.config import RunConfig
+from search.config import RunConfig, final_training
 from search.errors import ConfigError
 from search.export import ModelFileError, check_onnx, load_model, sha256_of
 from search.run import search
@@ -81,6 +81,34 @@ def test_best_seed_is_chosen_on_validation_not_test(finished):
     saved = json.loads((directory / "model.json").read_text())["training"]
     assert saved["seed"] == outcome.results["best found"].best_run().seed
     assert sorted(saved["seeds"]) == sorted(r.seed for r in outcome.results["best found"].runs)
+
+
+def test_final_retrains_train_longer_than_trials_and_stop_early(finished):
+    cfg, _, outcome, directory = finished
+    # trials ran 4 epochs: the final retrains up to 8, stopped after 2 without a better score
+    assert final_training(cfg, 4) == (8, 2)
+    training = json.loads((directory / "model.json").read_text())["training"]
+    assert (training["trial_epochs"], training["max_epochs"], training["patience"]) == (4, 8, 2)
+    for result in outcome.results.values():
+        for run in result.runs:
+            history = [r.val_accuracy for r in run.history]
+            assert run.best_epoch == history.index(max(history)) + 1
+            # every seed trained all 8 epochs, or stopped 2 after its best
+            assert run.epochs_trained == 8 or run.epochs_trained == run.best_epoch + 2
+    best = outcome.results["best found"].best_run()
+    assert training["epochs"] == best.epochs_trained and training["best_epoch"] == best.best_epoch
+    report = (directory / "report.md").read_text(encoding="utf-8")
+    assert ("for up to 8 epochs (the search's trials ran 4), stopped after 2 epochs without a "
+            "better validation accuracy") in report
+    assert "--final-epochs 8 --final-patience 2" in report  # the commands that redo it
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({}, (16, 4)), ({"final_epochs": 5}, (5, 4)), ({"final_patience": 0}, (16, None)),
+    ({"final_epochs": 8, "final_patience": 1}, (8, 1))])
+def test_final_training_rule_and_flags(given, expected):
+    assert final_training(RunConfig(study="cnn", **given), 8) == expected
+    assert final_training(RunConfig(study="cnn"), 1) == (2, 2)  # at least 2 epochs' patience
 
 
 def test_evaluate_prints_the_reports_accuracy_exactly(finished, capsys):
@@ -274,7 +302,7 @@ def test_final_cli_rebuilds_the_run_settings_from_the_study(finished, tmp_path):
     assert final_module.main(["--study-name", study.study_name, "--storage", cfg.storage,
                               "--final-seeds", "1", "--runs-dir", str(tmp_path)]) == 0
     info = json.loads((tmp_path / study.study_name / "model.json").read_text())
-    assert info["training"]["epochs"] == cfg.epochs  # the searched epochs, not the default
+    assert info["training"]["trial_epochs"] == cfg.epochs  # the searched epochs, not the default
     assert info["training"]["batch_size"] == cfg.batch_size
     assert len(info["training"]["seeds"]) == 1
 

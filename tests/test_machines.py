@@ -114,7 +114,7 @@ def test_resuming_with_other_settings_is_recorded_warned_and_reported(tmp_path, 
     assert {s["epochs"] for s in settings.values()} == {1, 3}
     outcome = run_final(study, second, opened, dataset)
     best = study.best_trial.user_attrs["settings"]
-    assert outcome.model_info["training"]["epochs"] == best["epochs"]
+    assert outcome.model_info["training"]["trial_epochs"] == best["epochs"]
     assert outcome.model_info["training"]["batch_size"] == best["batch_size"]
     report = (Path(second.runs_dir) / "mlp-digits" / "report.md").read_text(encoding="utf-8")
     assert "**Mixed settings.**" in report and "| 64 |" in report

@@ -72,6 +72,18 @@ def test_on_epoch_can_stop_training(digits):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("patience", [None, 1, 3])
+def test_patience_stops_once_the_best_is_that_many_epochs_old(digits, patience):
+    model = MLP(64, (8,), 10)
+    split = DeviceSplit.of(digits.train, torch.device("cpu"))
+    # a learning rate of 0: the weights, hence the accuracy, never change after epoch 1,
+    # so epoch 1 stays the best (a tie does not count as better)
+    history = fit(model, nn.CrossEntropyLoss(), make_optimizer("sgd", model, 0.0), split,
+                  split, epochs=6, batch_size=256, seed=0, patience=patience)
+    assert len({r.val_accuracy for r in history}) == 1
+    assert len(history) == (6 if patience is None else 1 + patience)
+
+
 def test_unknown_optimizer_and_devices():
     with pytest.raises(ValueError, match="unknown optimizer"):
         make_optimizer("rmsprop-ish", MLP(4, (2,), 2), 0.1)

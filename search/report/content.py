@@ -245,21 +245,27 @@ def _comparison(outcome) -> list[Block]:
     for label, result in results.items():
         if not result.runs:
             rows.append([label, _fmt(result.params), str(result.n_parameters), "-", "-", "-",
-                         "-", "all seeds diverged"])
+                         "-", "-", "all seeds diverged"])
             continue
         s = result.summary()
         rows.append([label, outcome.spec.describe(result.params),
                      f"{s['n_parameters']:,}", _mean_sd(s["val_accuracy"]),
                      _mean_sd(s["test_accuracy"]), _mean_sd(s["macro_f1"]),
+                     ", ".join(f"{b}/{n}" for b, n in zip(s["best_epochs"],
+                                                          s["epochs_trained"], strict=True)),
                      f"{s['seconds_per_epoch']:.2f}", "; ".join(s["failures"])])
     references = ", ".join(label for label in results if label != "best found")
+    schedule = outcome.schedule
+    stop = (f", stopped after {schedule['patience']} epochs without a better validation "
+            "accuracy" if schedule.get("patience") else "")
     blocks: list[Block] = [
         Heading("Reference configs and best found"),
         Text(f"The {references} and the best found, each retrained with the same seeds on "
-             "the training split, keeping the best validation epoch; test scores are mean ± "
-             "standard deviation over seeds."),
+             f"the training split for up to {schedule.get('max_epochs', '?')} epochs (the "
+             f"search's trials ran {schedule.get('trial_epochs', '?')}){stop}, keeping the "
+             "best validation epoch; test scores are mean ± standard deviation over seeds."),
         Table(["config", "architecture and training", "parameters", "val accuracy",
-               "test accuracy", "macro F1", "s/epoch", "notes"], rows),
+               "test accuracy", "macro F1", "best epoch / trained", "s/epoch", "notes"], rows),
     ]
     # each step the exercise took from the lecture's config, then each reference to the best
     labels = [label for label in results if label != "best found"]
