@@ -45,6 +45,9 @@ def _write(path: Path, array: np.ndarray) -> None:
 def main() -> None:
     if len(sys.argv) != 3:
         raise SystemExit(__doc__.splitlines()[0])
+    from machine import header  # benchmarks/machine.py, beside this script
+
+    print(header(), flush=True)
     tarball, out = Path(sys.argv[1]), Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
     splits = {"train": ([], []), "test": ([], [])}

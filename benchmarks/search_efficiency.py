@@ -83,8 +83,8 @@ def _script_arm(arm: str, study: str, data: str, data_dir: str | None, seed: int
 
     from search import data as data_module
     from search import registry
-    from search.train import DeviceSplit, evaluate_accuracy
     from search.augment import AugmentSpec
+    from search.train import DeviceSplit, evaluate_accuracy
 
     sys.path.insert(0, str(Path(__file__).parent))
     from epoch_throughput import PILDigits
@@ -409,7 +409,8 @@ def main() -> int:
                     events = workdir / "events.json"
                     t0 = time.time()
                     subprocess.run([sys.executable, __file__, "--run-arm", arm, "--study",
-                                    args.study, "--data", args.data, *(["--data-dir", data_dir] if data_dir else []),
+                                    args.study, "--data", args.data,
+                                    *(["--data-dir", data_dir] if data_dir else []),
                                     "--seed", str(seed), "--budget", str(args.budget), "--t0",
                                     str(t0), "--events", str(events)], check=True, env=env,
                                    timeout=args.budget + GRACE_S + 60)

@@ -1,10 +1,10 @@
 """Retraining one configuration with several seeds, for the final step of `search.run`.
 
 Each seed trains on the training split for up to a bound of epochs, stops early once
-validation accuracy has not improved for `patience` epochs, and keeps the weights of its best
-validation epoch (not the last). Test metrics are computed here, after training, on the CPU, for the report's
-comparison; nothing here chooses anything by test score: the best seed is the best on
-validation.
+validation accuracy has not improved for `patience` epochs, and keeps the weights of its
+best validation epoch (not the last). Test metrics are computed here, after training, on
+the CPU, for the report's comparison; nothing here chooses anything by test score: the best
+seed is the best on validation.
 """
 
 from __future__ import annotations
@@ -86,10 +86,10 @@ def retrain(spec: StudySpec, params, label: str, dataset: Dataset, *, seeds: lis
             input_size: int = 32, progress: Callable[[str], None] | None = None
             ) -> ConfigResult:
     """Train `params` once per seed for up to `epochs` (stopped after `patience` epochs
-    without a better validation accuracy; None: never), augmented copies from `augment` where
-    the params ask for them; a frozen-backbone study (spec.feature_head) trains its head on `features`, and
-    a SeedRun's state is then the head's. A seed whose loss diverges is recorded and
-    skipped. `progress` is told of each seed once it is done."""
+    without a better validation accuracy; None: never), augmented copies from `augment`
+    where the params ask for them; a frozen-backbone study (spec.feature_head) trains its
+    head on `features`, and a SeedRun's state is then the head's. A seed whose loss
+    diverges is recorded and skipped. `progress` is told of each seed once it is done."""
     n_classes = len(dataset.classes)
     if features is None:
         train = DeviceSplit.of(dataset.train, device)

@@ -42,6 +42,31 @@ def test_summary_counts_only_what_happened_within_the_budget(bench):
     assert "| ours | 9.0 s [5.0 s - > 30 s] | 2/3 | 5.0 s | 0.9500 [0.9490 - 0.9600] |" in table
 
 
+def test_the_best_config_of_a_run_is_the_best_score_within_the_budget(bench):
+    from types import SimpleNamespace as Trial
+
+    t0 = 1000.0
+    early = Trial(intermediate_values={1: 0.90, 2: 0.93}, user_attrs={"epoch_ended": [1005, 1010]})
+    # its higher score came after the budget (30 s): it does not count
+    late = Trial(intermediate_values={1: 0.92, 2: 0.99}, user_attrs={"epoch_ended": [1020, 1040]})
+    study = Trial(trials=[early, late, Trial(intermediate_values={}, user_attrs={})])
+    assert bench._best_within(study, t0, 30.0) is early
+    assert bench._best_within(study, t0, 60.0) is late
+    # a script's trials carry no end times: it reports nothing after the budget
+    script = Trial(trials=[Trial(intermediate_values={1: 0.5}, user_attrs={})])
+    assert bench._best_within(script, t0, 30.0) is script.trials[0]
+    assert bench._best_within(Trial(trials=[]), t0, 30.0) is None
+
+
+def test_the_table_gives_the_retrained_test_accuracy_where_measured(bench):
+    with_test = {**_run([(4.0, 0.95)], [5.0]), "test": 0.9412}
+    summary = bench._summarize([with_test, _run([(4.0, 0.94)], [5.0])], 30.0, 0.95)
+    assert summary["tests"] == [0.9412]  # the run without one is left out, not zero
+    assert bench._table({"x": summary}, 30.0, 0.95).endswith("| 0.9412 [0.9412 - 0.9412] |")
+    none = bench._summarize([_run([(4.0, 0.94)], [5.0])], 30.0, 0.95)
+    assert bench._table({"x": none}, 30.0, 0.95).endswith("| - |")
+
+
 def test_ratio_says_by_when_ours_had_to_reach_the_target(bench):
     ours = {"time": 8.0, "first": 5.0}
     assert bench._ratio({"time": 64.0}, ours, 300.0) == "8.0x"
