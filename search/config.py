@@ -47,6 +47,7 @@ TRIAL_SETTINGS = ("epochs", "batch_size", "sampler", "pruner", "seed")
 # before hours are spent or memory is asked for.
 MAX_TRIALS = 100_000
 MAX_EPOCHS = 10_000
+MAX_LIMIT = 10**11  # --max-params, --max-flops: far above VGG16's 138M and 15.5G
 MAX_BATCH_SIZE = 65_536
 MAX_WORKERS = 256
 MAX_FINAL_SEEDS = 100
@@ -64,7 +65,8 @@ def _BOUNDS(cfg: RunConfig) -> tuple:  # noqa: N802 (a table)
             ("--workers", cfg.workers, MAX_WORKERS),
             ("--workers-per-device", cfg.workers_per_device, MAX_WORKERS),
             ("--final-seeds", cfg.final_seeds, MAX_FINAL_SEEDS),
-            ("--final-epochs", cfg.final_epochs, MAX_EPOCHS))
+            ("--final-epochs", cfg.final_epochs, MAX_EPOCHS),
+            ("--max-params", cfg.max_params, MAX_LIMIT), ("--max-flops", cfg.max_flops, MAX_LIMIT))
 
 
 # The final retrain trains each config for up to FINAL_EPOCH_FACTOR x the best trial's
@@ -135,6 +137,9 @@ class RunConfig:
     test_fraction: float | None = None  # a folder without test/: None is 0.2 (0.1 >= 20,000)
     skip_bad_images: bool = False  # log and skip unreadable images instead of stopping
     augment_flips: bool = False  # the classes are mirror-invariant: augmentation may flip
+    # deployment limits (search.costs.LIMITS): a config over one is never trained
+    max_params: int | None = None
+    max_flops: int | None = None  # multiply-adds per image
 
     def __post_init__(self) -> None:
         for flag, value, top in _BOUNDS(self):
@@ -185,6 +190,15 @@ class RunConfig:
 
         return ImageOptions(self.image_size, self.channels, self.test_fraction,
                             self.skip_bad_images)
+
+    def limits(self) -> dict[str, int | None]:
+        """The deployment limits, by search.costs.LIMITS key (None: no limit)."""
+        return {"max_params": self.max_params, "max_flops": self.max_flops}
+
+    @property
+    def constrained(self) -> bool:
+        """Whether any deployment limit is set."""
+        return any(v is not None for v in self.limits().values())
 
     def trial_settings(self) -> dict:
         """What a trial's value depends on besides its params: each trial records these, so

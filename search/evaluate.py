@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from search import costs, registry
 from search import data as data_module
 from search import metrics as metrics_module
 from search.cli import Parser, describe, run_command, setup_logging
@@ -54,6 +55,9 @@ def evaluate(path: str, data: str | None = None, data_dir: str | None = None) ->
     result = metrics_module.compute(y_true, predicted, dataset.classes)
     result["text"] = metrics_module.report_text(y_true, predicted, dataset.classes)
     result["dataset"] = dataset.name
+    result["costs"] = costs.measure(registry.get(str(loaded.info["study"])), loaded.params,
+                                    expected, len(loaded.info["classes"]),
+                                    **loaded.info.get("options", {}))
     return result
 
 
@@ -80,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(args.model, args.data, args.data_dir)
         print(f"{args.model} on {result['dataset']}: {metrics_module.accuracy_line(result)}")
         print(result["text"])
+        print(f"costs: {result['costs'].describe()}")
 
     return run_command(body, "nothing was written")
 

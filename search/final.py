@@ -27,8 +27,8 @@ import torch
 
 import storage
 from search import augment as augment_module
+from search import costs, export, registry
 from search import data as data_module
-from search import export, registry
 from search import metrics as metrics_module
 from search.cache import SizeBound
 from search.cli import Parser, Steps, add_final_options, describe, run_command, setup_logging
@@ -178,9 +178,7 @@ def run_final(study: optuna.Study, cfg: RunConfig,
         staging = Path(tempfile.mkdtemp(prefix=f".{study.study_name}.partial-",
                                         dir=cfg.runs_dir))
         outcome = Outcome(study, spec, dataset, staging, best_trial, results, weights=weights,
-                          # the saved network with classifier[0] folded where that is exact
-                          options={"input_size": cfg.input_size, "fold": True} if weights
-                          else {})
+                          options=registry.saved_options(spec, cfg.input_size))
         try:
             _write_run(outcome, cfg, params, {"trial_epochs": trial_epochs,
                                               "max_epochs": epochs, "patience": patience},
@@ -297,6 +295,8 @@ def _save_and_reload(outcome: Outcome, params, schedule: dict, batch_size: int,
                      "batch_size": batch_size},
         "n_parameters": outcome.results["best found"].n_parameters,
         "n_parameters_total": count_parameters(model, trainable_only=False),
+        "costs": costs.measure(spec, params, dataset.image_shape, len(dataset.classes),
+                               **outcome.options).as_attrs(),
         "options": outcome.options,
         **({"weights": outcome.weights.describe()} if outcome.weights else {}),
         "versions": versions(),

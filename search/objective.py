@@ -17,7 +17,7 @@ import optuna
 import torch
 
 import storage
-from search import budget
+from search import budget, costs, registry
 from search.augment import AugmentCache
 from search.cache import SizeBound
 from search.config import RunConfig, trial_seed
@@ -162,6 +162,21 @@ class Objective:
         trial.set_user_attr("failure", f"out of memory: {message}")
         raise TrialOutOfMemory(message)
 
+    def _check_limits(self, trial: optuna.Trial, cost: costs.Costs) -> dict:
+        """The trial's costs as user attributes (and, under deployment limits, its constraint
+        values for the sampler). A config over a limit is pruned here, before it is built,
+        with those attributes written (with its params) in one transaction."""
+        limits = self.cfg.limits()
+        attrs: dict = {"costs": cost.as_attrs()}
+        if self.cfg.constrained:
+            attrs[costs.CONSTRAINTS_ATTR] = cost.tell(trial, limits)
+        over = cost.over(limits)
+        if over is not None:
+            attrs["infeasible"] = over
+            storage.write_trial(trial, attrs)
+            raise optuna.TrialPruned(f"infeasible: {over}")
+        return attrs
+
     def _train(self, trial: optuna.Trial) -> float:
         """The trial from its params to its best validation accuracy; an out-of-memory
         error anywhere in it (moving the model or features to the device, building, training)
@@ -171,10 +186,14 @@ class Objective:
         with storage.params_later(trial):
             params = self.spec.suggest(trial)
             seed = trial_seed(self.cfg.seed, trial.number)
-            torch.manual_seed(seed)  # weight init and dropout masks
             computed = len(self.features.computed) if self.features is not None else 0
-            train, val, build = self._inputs(params)
             try:
+                # what the saved model would cost, before anything is trained or allocated
+                cost = costs.measure(self.spec, params, self.image_shape, self.n_classes,
+                                     **registry.saved_options(self.spec, self.cfg.input_size))
+                cost_attrs = self._check_limits(trial, cost)
+                torch.manual_seed(seed)  # weight init and dropout masks
+                train, val, build = self._inputs(params)
                 built = build()
             except ValueError as exc:  # params the builder refuses for this input shape
                 trial.set_user_attr("failure", f"does not fit the input: {exc}")
@@ -187,7 +206,7 @@ class Objective:
                 seed=seed, settings=self.cfg.trial_settings(), device=str(self.device),
                 # CPU threads: another count sums in another order, so a replay uses the same
                 threads=torch.get_num_threads(), speed=speed.describe(),
-                n_parameters=count_parameters(model),
+                n_parameters=count_parameters(model), **cost_attrs,
                 # did this trial have to run the backbone?
                 **({} if self.features is None
                    else {"backbone_runs": len(self.features.computed) - computed}))

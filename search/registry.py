@@ -87,6 +87,12 @@ def epochs_for(spec: StudySpec, n_train: int, batch_size: int) -> int:
     return max(min(MIN_EPOCHS, spec.default_epochs), min(spec.default_epochs, wanted))
 
 
+def saved_options(spec: StudySpec, input_size: int) -> dict:
+    """The builder options of the model the final step saves (a frozen-backbone study: its
+    input size, classifier[0] folded where exact); what search.costs counts too."""
+    return {"input_size": input_size, "fold": True} if spec.feature_head else {}
+
+
 def _mlp_stat(value, channels: int) -> float | tuple[float, ...]:
     """A statistic as the MLP's normalization takes it: one float for every channel (scalar
     buffers, as saved since mlp-v1, for grayscale), or one per channel (colour)."""

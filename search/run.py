@@ -93,8 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how weak trials are stopped early: " + _choices(PRUNERS))
     search.add_argument("--references", choices=REFERENCE_MODES, metavar="MODE",
                         help="the study's reference configs in the search: "
-                        + _choices(REFERENCE_MODES) + " (default: mlp skip, cnn and vgg16 "
+                        + _choices(REFERENCE_MODES) + " (default: mlp and cnn skip, vgg16 "
                         "full); the final step retrains them in full either way")
+    limits = parser.add_argument_group(
+        "deployment limits", "a drawn config over a limit is never trained: it is recorded "
+        "as infeasible (pruned, with its costs) and TPE learns to avoid it; counted before "
+        "training, for the whole saved model (a frozen backbone included)")
+    limits.add_argument("--max-params", type=int, metavar="N",
+                        help="the most parameters the model may have")
+    limits.add_argument("--max-flops", type=int, metavar="N",
+                        help="the most multiply-adds per image (FLOPs as torchvision's model "
+                        "tables count them)")
     stored = parser.add_argument_group("storage")
     stored.add_argument("--storage", default=storage.DEFAULT_URL, metavar="URL",
                         help="where the study is kept: an SQLAlchemy database URL (sqlite:///"
@@ -160,7 +169,8 @@ def config_from_args(argv: list[str] | None = None) -> RunConfig:
         cache_dir=args.cache_dir, cache_max_gb=args.cache_max_gb, weights=args.weights,
         input_size=args.input_size, image_size=args.image_size, channels=args.channels,
         test_fraction=args.test_fraction, skip_bad_images=args.skip_bad_images,
-        augment_flips=args.augment_flips,
+        augment_flips=args.augment_flips, max_params=args.max_params,
+        max_flops=args.max_flops,
     )
 
 

@@ -16,8 +16,8 @@ import warnings
 import optuna
 
 import storage as storage_module
+from search import costs, registry, tpe_speedups
 from search import data as data_module
-from search import registry, tpe_speedups
 from search.config import PRUNERS, SAMPLERS, RunConfig, trial_seed, versions
 from search.data import Dataset
 from search.errors import ConfigError
@@ -31,8 +31,12 @@ INIT_WAIT_S = 10  # how long a machine waits for another that is creating the sa
 TPE_STARTUP_TRIALS = 8
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """Raises ConfigError on an unknown sampler name."""
+def make_sampler(name: str, seed: int, constrained: bool = False) -> optuna.samplers.BaseSampler:
+    """Raises ConfigError on an unknown sampler name. `constrained` (deployment limits): on
+    an Optuna without Trial.set_constraint, TPE is given search.costs.constraint_values (with
+    it, TPE reads the values each trial sets); either way TPE ranks a config over a limit
+    below every one within them. Random and QMC draw as before (an infeasible draw is still
+    never trained)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name in ("tpe", "tpe-multivariate"):
@@ -44,6 +48,8 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
             return TrialSeeded(optuna.samplers.TPESampler(
                 seed=seed, multivariate=joint, group=joint,
                 n_startup_trials=TPE_STARTUP_TRIALS, constant_liar=True,
+                constraints_func=costs.constraint_values
+                if constrained and not costs.PER_TRIAL_CONSTRAINTS else None,
             ), seed)
         if name == "random":
             return TrialSeeded(optuna.samplers.RandomSampler(seed=seed), seed)
@@ -201,7 +207,8 @@ def open_study(cfg: RunConfig, spec: StudySpec, dataset: Dataset,
     """Create the study or resume it. Raises ConfigError when an existing study of that name
     was made for other data, another study, another version of the space or (vgg16) other
     backbone weights or input size."""
-    sampler, pruner = make_sampler(cfg.sampler, cfg.seed), make_pruner(cfg.pruner, cfg.epochs)
+    sampler = make_sampler(cfg.sampler, cfg.seed, cfg.constrained)
+    pruner = make_pruner(cfg.pruner, cfg.epochs)
     try:
         study = optuna.create_study(storage=storage, study_name=study_name,
                                     direction="maximize", sampler=sampler, pruner=pruner)

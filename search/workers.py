@@ -174,7 +174,8 @@ def _worker(cfg_dict: dict, study_name: str, device: str, index: int, target: in
     try:
         cfg = RunConfig(**cfg_dict)
         study = optuna.load_study(study_name=study_name, storage=storage.open(cfg.storage))
-        study.sampler = make_sampler(cfg.sampler, cfg.seed)  # seeded per trial number
+        # seeded per trial number
+        study.sampler = make_sampler(cfg.sampler, cfg.seed, cfg.constrained)
         study.pruner = make_pruner(cfg.pruner, cfg.epochs)
         _pull_trials(study, Objective(registry.get(cfg.study), dataset, cfg,
                                       torch.device(device), deadline=deadline), cfg, target)

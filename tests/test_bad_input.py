@@ -150,7 +150,7 @@ def _widths_changed(folder: Path) -> None:
 
 NUMERIC = ("--n-trials", "--max-trials", "--timeout", "--epochs", "--batch-size", "--seed",
            "--workers", "--workers-per-device", "--final-seeds", "--final-epochs",
-           "--final-patience", "--input-size")
+           "--final-patience", "--input-size", "--max-params", "--max-flops")
 
 
 IMAGES = ["--study", "cnn", "--n-trials", "1", "--epochs", "1", "--data", "imgs"]

@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import optuna
 
-from search import augment
+from search import augment, costs
 from search import metrics as metrics_module
 from search.report import sections as report_sections
 from search.report.render import Block, Code, Heading, Image, Table, Text
@@ -245,11 +245,13 @@ def _comparison(outcome) -> list[Block]:
     for label, result in results.items():
         if not result.runs:
             rows.append([label, _fmt(result.params), str(result.n_parameters), "-", "-", "-",
-                         "-", "-", "all seeds diverged"])
+                         "-", "-", "-", "all seeds diverged"])
             continue
         s = result.summary()
+        cost = costs.measure(outcome.spec, result.params, outcome.dataset.image_shape,
+                             len(outcome.dataset.classes), **outcome.options)
         rows.append([label, outcome.spec.describe(result.params),
-                     f"{s['n_parameters']:,}", _mean_sd(s["val_accuracy"]),
+                     f"{s['n_parameters']:,}", f"{cost.macs:,}", _mean_sd(s["val_accuracy"]),
                      _mean_sd(s["test_accuracy"]), _mean_sd(s["macro_f1"]),
                      ", ".join(f"{b}/{n}" for b, n in zip(s["best_epochs"],
                                                           s["epochs_trained"], strict=True)),
@@ -264,7 +266,8 @@ def _comparison(outcome) -> list[Block]:
              f"the training split for up to {schedule.get('max_epochs', '?')} epochs (the "
              f"search's trials ran {schedule.get('trial_epochs', '?')}){stop}, keeping the "
              "best validation epoch; test scores are mean ± standard deviation over seeds."),
-        Table(["config", "architecture and training", "parameters", "val accuracy",
+        Table(["config", "architecture and training", "parameters", "multiply-adds / image",
+               "val accuracy",
                "test accuracy", "macro F1", "best epoch / trained", "s/epoch", "notes"], rows),
     ]
     # each step the exercise took from the lecture's config, then each reference to the best

@@ -1,0 +1,124 @@
+"""What a configuration costs to deploy, known before it trains: parameters, multiply-adds per
+image and the bytes of its weights, for the whole model that would be saved (a frozen
+backbone included).
+
+The model is built by the study's own builder on PyTorch's meta device, which gives every
+tensor its shape and dtype but no memory and no arithmetic, and one image is passed through
+it with hooks on the layers that do the work. So the counts are exact, deterministic and
+the same on every machine, and a VGG16 costs no more to count than a small CNN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import optuna
+import torch
+from torch import nn
+
+from search.registry import StudySpec
+
+# flag of search.run -> the Costs field it bounds; FLOPs are counted as multiply-adds, as
+# torchvision's model tables and most papers count them
+LIMITS = {"max_params": "params", "max_flops": "macs"}
+# a trial's user attribute under deployment limits: how far over each it is (> 0: over).
+# The sampler learns them through Trial.set_constraint (Optuna 5, every sampler reads them),
+# or on older Optuna through TPE's constraints_func (constraint_values), deprecated in 5.0
+CONSTRAINTS_ATTR = "constraints"
+PER_TRIAL_CONSTRAINTS = hasattr(optuna.trial.Trial, "set_constraint")
+
+
+@dataclass(frozen=True)
+class Costs:
+    params: int  # every parameter of the deployed model, frozen ones included
+    trainable: int  # the parameters a trial trains
+    macs: int  # multiply-adds of one image through the convolution and linear layers
+    weight_bytes: int  # parameters and buffers of its state_dict, as saved
+
+    def as_attrs(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        trained = "" if self.trainable == self.params else f" ({self.trainable:,} trained)"
+        return (f"{self.params:,} parameters{trained}, {_short(self.macs)} multiply-adds per "
+                f"image, {self.weight_bytes / 1e6:.3g} MB of weights")
+
+    def tell(self, trial: optuna.Trial, limits: dict[str, int | None]) -> list[float]:
+        """Give `trial` its constraint values (violations) where Optuna takes them per trial,
+        named by the limit; returns them."""
+        values = self.violations(limits)
+        if PER_TRIAL_CONSTRAINTS:
+            named = [name for name, limit in limits.items() if limit is not None]
+            for name, value in zip(named, values, strict=True):
+                trial.set_constraint(name, value)
+        return values
+
+    def violations(self, limits: dict[str, int | None]) -> list[float]:
+        """For each limit given (a LIMITS key -> the most allowed, None: no limit), how far
+        over it this is, as a fraction of the limit: > 0 violates it, <= 0 is within it (what
+        Optuna's constraints_func returns)."""
+        return [getattr(self, LIMITS[name]) / limit - 1.0
+                for name, limit in limits.items() if limit is not None]
+
+    def over(self, limits: dict[str, int | None]) -> str | None:
+        """Which limit this breaks, in words, or None."""
+        for name, limit in limits.items():
+            value = getattr(self, LIMITS[name])
+            if limit is not None and value > limit:
+                flag = "--" + name.replace("_", "-")
+                return f"{value:,} {LIMITS[name]} over {flag} {limit:,}"
+        return None
+
+
+def _short(number: int) -> str:
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if number >= size:
+            return f"{number / size:.3g}{suffix}"
+    return str(number)
+
+
+def _macs(model: nn.Module, image_shape) -> int:
+    total = 0
+
+    def count(module, _inputs, output) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] \
+                * module.kernel_size[1]
+            total += output.numel() * per_output
+        elif isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, nn.Conv2d | nn.Linear)]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *image_shape), device="meta"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def measure(spec: StudySpec, params, image_shape, n_classes: int, **options) -> Costs:
+    """The costs of the model `spec.build(params, ...)` makes for images of `image_shape`
+    (C, H, W); `options` are the builder's (vgg16: input_size, fold). Raises what the builder
+    raises for params that do not fit the input."""
+    channels = int(image_shape[0])
+    with torch.device("meta"):
+        model = spec.build(params, image_shape, n_classes, (0.5,) * channels,
+                           (0.25,) * channels, **options).model
+    state = model.state_dict()
+    return Costs(
+        params=sum(p.numel() for p in model.parameters()),
+        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        macs=_macs(model, image_shape),
+        weight_bytes=sum(t.numel() * t.element_size() for t in state.values()),
+    )
+
+
+def constraint_values(trial) -> tuple[float, ...]:
+    """Optuna's constraints_func: the trial's CONSTRAINTS_ATTR; a trial stopped before its
+    costs were known (its params did not fit the input) counts as within the limits."""
+    return tuple(trial.user_attrs.get(CONSTRAINTS_ATTR, (0.0,)))

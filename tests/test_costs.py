@@ -1,0 +1,123 @@
+"""Deployment costs counted before training (search.costs), and the limits that keep a config
+over them from ever being trained."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+
+from search import costs, registry
+from search import evaluate as evaluate_module
+from search.config import RunConfig
+from search.errors import ConfigError
+from search.final import run_final
+from search.run import search
+from spaces import cnn as cnn_space
+from spaces import mlp as mlp_space
+from spaces import vgg16 as vgg16_space
+
+
+def _real(spec, params, shape, **options):
+    return spec.build(params, shape, 10, (0.5,) * shape[0], (0.25,) * shape[0],
+                      **options).model
+
+
+@pytest.mark.parametrize("study, space", [("mlp", mlp_space), ("cnn", cnn_space)])
+def test_parameters_and_bytes_match_the_real_model(study, space):
+    spec = registry.get(study)
+    for params in space.REFERENCES.values():
+        for shape in ((1, 28, 28), (3, 32, 32)):
+            counted = costs.measure(spec, params, shape, 10)
+            model = _real(spec, params, shape)
+            assert counted.params == counted.trainable == sum(
+                p.numel() for p in model.parameters())
+            assert counted.weight_bytes == sum(
+                t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def test_multiply_adds_known_answers():
+    # the lecture CNN on 28x28: conv 1->32 (26x26 out), conv 32->64 (24x24), then 9216->128->10
+    lecture = costs.measure(registry.get("cnn"), cnn_space.LECTURE, (1, 28, 28), 10)
+    assert lecture.macs == 26 * 26 * 32 * 9 + 24 * 24 * 64 * 32 * 9 + 9216 * 128 + 128 * 10
+    # an MLP: one multiply-add per weight of each Linear layer
+    mlp = costs.measure(registry.get("mlp"), mlp_space.LECTURE, (1, 28, 28), 10)
+    widths = mlp_space.LECTURE.widths
+    sizes = [784, *widths, 10]
+    assert mlp.macs == sum(a * b for a, b in zip(sizes, sizes[1:], strict=False))
+
+
+def test_a_frozen_backbone_counts_in_the_saved_model_but_is_not_trained():
+    spec = registry.get("vgg16")
+    head = costs.measure(spec, vgg16_space.EXERCISE, (1, 28, 28), 10,
+                         **registry.saved_options(spec, 32))
+    # classifier[6] alone is trained: 4096 x 10 + 10
+    assert head.trainable == 4096 * 10 + 10
+    assert head.params > 14_000_000  # VGG16's 13 convolutions alone hold 14.7M
+    assert head.macs > 300_000_000  # 13 convolutions on a 32 px image
+    bigger = costs.measure(spec, vgg16_space.EXERCISE, (1, 28, 28), 10,
+                           **registry.saved_options(spec, 64))
+    assert bigger.macs > 3.5 * head.macs  # four times the pixels
+
+
+def test_violations_are_relative_and_signed():
+    cost = costs.Costs(params=1_500, trainable=1_500, macs=10_000, weight_bytes=6_000)
+    assert cost.violations({"max_params": 1_000, "max_flops": None}) == [pytest.approx(0.5)]
+    assert cost.violations({"max_params": 3_000, "max_flops": 20_000}) == [
+        pytest.approx(-0.5), pytest.approx(-0.5)]
+    assert cost.over({"max_params": 1_000, "max_flops": None}) == (
+        "1,500 params over --max-params 1,000")
+    assert cost.over({"max_params": None, "max_flops": 10_000}) is None  # at the limit is in
+
+
+@pytest.mark.parametrize("flag", ["max_params", "max_flops"])
+def test_limits_are_checked_like_every_count(flag):
+    with pytest.raises(ConfigError, match=f"--{flag.replace('_', '-')} must be between 1"):
+        RunConfig(study="mlp", **{flag: 0})
+    assert not RunConfig(study="mlp").constrained
+    assert RunConfig(study="mlp", **{flag: 10}).constrained
+
+
+def test_no_config_over_the_limit_is_trained_and_the_final_model_is_within_it(tmp_path,
+                                                                             capsys):
+    limit = 20_000
+    cfg = RunConfig(study="mlp", data="digits", n_trials=12, epochs=1, workers=1,
+                    storage=f"sqlite:///{tmp_path / 'studies.db'}", max_params=limit,
+                    runs_dir=str(tmp_path / "runs"), final_seeds=1)
+    study, opened, dataset = search(cfg)
+    infeasible = [t for t in study.trials if "infeasible" in t.user_attrs]
+    feasible = [t for t in study.trials if "infeasible" not in t.user_attrs]
+    assert infeasible and feasible  # the draws fall on both sides of the limit
+    for trial in infeasible:
+        assert trial.state == optuna.trial.TrialState.PRUNED
+        assert trial.user_attrs["costs"]["params"] > limit
+        # never trained: no epoch, no score, no model built
+        assert not trial.intermediate_values and "seconds_per_epoch" not in trial.user_attrs
+        assert "n_parameters" not in trial.user_attrs
+        assert trial.user_attrs["constraints"][0] > 0
+    for trial in feasible:
+        assert trial.user_attrs["costs"]["params"] <= limit
+        assert trial.user_attrs["constraints"][0] <= 0
+        assert trial.user_attrs["n_parameters"] == trial.user_attrs["costs"]["trainable"]
+    # TPE was told each finished trial's constraint values (per trial on Optuna 5, through
+    # constraints_func before)
+    for trial in study.trials:
+        told = trial.constraints if hasattr(trial, "constraints") else dict(
+            enumerate(trial.system_attrs["constraints"]))
+        assert list(told.values()) == trial.user_attrs["constraints"]
+    assert study.best_trial in feasible
+    outcome = run_final(study, cfg, opened, dataset)
+    directory = tmp_path / "runs" / "mlp-digits"
+    info = json.loads((directory / "model.json").read_text())
+    assert info["n_parameters_total"] <= limit
+    assert info["costs"] == study.best_trial.user_attrs["costs"]
+    assert outcome.results["best found"].n_parameters <= limit
+    # search.evaluate prints the saved model's costs beside its accuracy
+    assert evaluate_module.main([str(directory / "model.pt")]) == 0
+    printed = capsys.readouterr().out
+    assert f"costs: {info['costs']['params']:,} parameters, " in printed
+    assert f"{info['costs']['weight_bytes'] / 1e6:.3g} MB of weights" in printed
+    # the report's comparison gives every config's multiply-adds
+    report = (directory / "report.md").read_text(encoding="utf-8")
+    assert "multiply-adds / image" in report and f"{info['costs']['macs']:,}" in report
