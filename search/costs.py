@@ -10,7 +10,10 @@ the same on every machine, and a VGG16 costs no more to count than a small CNN.
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import optuna
 import torch
@@ -122,3 +125,55 @@ def constraint_values(trial) -> tuple[float, ...]:
     """Optuna's constraints_func: the trial's CONSTRAINTS_ATTR; a trial stopped before its
     costs were known (its params did not fit the input) counts as within the limits."""
     return tuple(trial.user_attrs.get(CONSTRAINTS_ATTR, (0.0,)))
+
+
+LATENCY_BATCHES = (1, 64)
+LATENCY_RUNS = (3, 20)  # at least, at most: timed runs per batch size, after one warm-up
+LATENCY_SECONDS = 2.0  # per batch size, once LATENCY_RUNS[0] runs are done
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform says."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def onnx_latency(path: Path, image_shape) -> dict:
+    """Milliseconds per image of the ONNX model at `path` in ONNX Runtime on this machine's
+    CPU (its default session: every core), at batch 1 and 64: the median of repeated runs
+    after a warm-up, on random pixels. Says on what CPU it was measured."""
+    import numpy as np
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    rng = np.random.default_rng(0)
+    result: dict = {"runtime": f"onnxruntime {onnxruntime.__version__}, CPU",
+                    "cpu": cpu_name()}
+    for batch in LATENCY_BATCHES:
+        x = rng.random((batch, *image_shape), dtype=np.float32)
+        session.run(None, {name: x})  # warm-up: allocation, kernel choice
+        times: list[float] = []
+        began = time.perf_counter()
+        while len(times) < LATENCY_RUNS[1] and (
+                len(times) < LATENCY_RUNS[0] or time.perf_counter() - began < LATENCY_SECONDS):
+            start = time.perf_counter()
+            session.run(None, {name: x})
+            times.append(time.perf_counter() - start)
+        result[f"batch_{batch}_ms_per_image"] = round(
+            statistics.median(times) * 1000 / batch, 4)
+        result[f"batch_{batch}_runs"] = len(times)
+    return result
+
+
+def describe_latency(latency: dict) -> str:
+    return (f"{latency['batch_1_ms_per_image']:.3g} ms per image at batch 1, "
+            f"{latency['batch_64_ms_per_image']:.3g} ms at batch 64 ({latency['runtime']}, "
+            f"{latency['cpu']})")

@@ -55,6 +55,9 @@ def evaluate(path: str, data: str | None = None, data_dir: str | None = None) ->
     result = metrics_module.compute(y_true, predicted, dataset.classes)
     result["text"] = metrics_module.report_text(y_true, predicted, dataset.classes)
     result["dataset"] = dataset.name
+    onnx = Path(path).with_name("model.onnx")
+    if onnx.is_file():  # measured here, on the machine that runs this
+        result["latency"] = costs.onnx_latency(onnx, expected)
     result["costs"] = costs.measure(registry.get(str(loaded.info["study"])), loaded.params,
                                     expected, len(loaded.info["classes"]),
                                     **loaded.info.get("options", {}))
@@ -85,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.model} on {result['dataset']}: {metrics_module.accuracy_line(result)}")
         print(result["text"])
         print(f"costs: {result['costs'].describe()}")
+        if "latency" in result:
+            print(f"latency of model.onnx: {costs.describe_latency(result['latency'])}")
 
     return run_command(body, "nothing was written")
 

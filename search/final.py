@@ -200,7 +200,7 @@ def run_final(study: optuna.Study, cfg: RunConfig,
 
 # what the final step does after the retrains, each one step of its progress
 WRITE_STEPS = ("model saved, reloaded into a new instance and scored on the test split",
-               "ONNX exported and checked against the reloaded model",
+               "ONNX exported, checked against the reloaded model and timed",
                "report written", "files attached to the study for optuna-dashboard")
 
 
@@ -321,12 +321,14 @@ def _save_and_reload(outcome: Outcome, params, schedule: dict, batch_size: int,
     onnx_path = outcome.directory / "model.onnx"
     exporter = export.export_onnx(loaded.model, onnx_path, dataset.test.x[:2].float() / 255)
     outcome.onnx = {**export.check_onnx(onnx_path, loaded.model, dataset.test.x),
-                    "exporter": exporter}
+                    "exporter": exporter,
+                    "latency": costs.onnx_latency(onnx_path, dataset.image_shape)}
     steps(WRITE_STEPS[1])
     summary = {label: r.summary() for label, r in outcome.results.items()}
     (outcome.directory / "metrics.json").write_text(json.dumps(
         {**outcome.test, "model": "model.pt (reloaded)", "onnx_check": outcome.onnx,
-         "comparison": summary}, indent=2) + "\n", encoding="utf-8")
+         "costs": outcome.model_info["costs"], "comparison": summary}, indent=2) + "\n",
+        encoding="utf-8")
 
 
 def build_parser() -> Parser:

@@ -4,6 +4,7 @@ over them from ever being trained."""
 from __future__ import annotations
 
 import json
+import re
 
 import optuna
 import pytest
@@ -118,6 +119,13 @@ def test_no_config_over_the_limit_is_trained_and_the_final_model_is_within_it(tm
     printed = capsys.readouterr().out
     assert f"costs: {info['costs']['params']:,} parameters, " in printed
     assert f"{info['costs']['weight_bytes'] / 1e6:.3g} MB of weights" in printed
+    # and the latency of model.onnx measured on this machine's CPU
+    assert re.search(r"latency of model\.onnx: [0-9.e-]+ ms per image at batch 1, [0-9.e-]+ ms "
+                     r"at batch 64 \(onnxruntime [0-9.]+, CPU, .+\)", printed)
+    latency = json.loads((directory / "metrics.json").read_text())["onnx_check"]["latency"]
+    assert latency["batch_1_ms_per_image"] > 0 and latency["batch_64_ms_per_image"] > 0
+    assert latency["cpu"] == costs.cpu_name() and latency["batch_1_runs"] >= 3
     # the report's comparison gives every config's multiply-adds
     report = (directory / "report.md").read_text(encoding="utf-8")
     assert "multiply-adds / image" in report and f"{info['costs']['macs']:,}" in report
+    assert "latency of model.onnx: " in report

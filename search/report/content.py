@@ -296,6 +296,8 @@ def _final_model(outcome) -> list[Block]:
         Text(f"Computed by a new model instance loaded from model.pt and model.json; its "
              f"predictions equal the in-memory model's on all {test['n_test']} test images. "
              f"{metrics_module.accuracy_line(test)}."),
+        Text(f"Costs: {costs.Costs(**outcome.model_info['costs']).describe()}; latency of "
+             f"model.onnx: {costs.describe_latency(outcome.onnx['latency'])}."),
         Table(["class", "precision", "recall", "F1", "support"], rows),
         Code(outcome.report_text),
     ]
