@@ -18,9 +18,16 @@ import optuna
 from search.augment import FAMILIES, LEVELS, AugmentSpec
 from search.models import CNN_DROPOUT, PADDINGS, POOL_AT, POOLS
 
-VERSION = "cnn-v1"
+VERSION = "cnn-v2"
 
 MAX_BLOCKS = 4
+# Pooling only after the last block ("last", the lecture CNN's shape) is offered to nets of at
+# most this many blocks; deeper ones pool after each. Three or four convolutions at full
+# resolution cost 4-30x the lecture CNN per epoch on a CPU and were never the better net:
+# on Fashion-MNIST's 54,000 images (one core each) they took 132, 176 and 627 s for a first
+# epoch at 0.79-0.86 validation accuracy, against 6-39 s and 0.69-0.92 for pooled nets of
+# the same depth (benchmarks/RESULTS.md, "End-to-end runs"). cnn-v1 offered it at any depth
+MAX_BLOCKS_POOLED_LAST = 2
 CHANNEL_RANGE = (8, 128)  # channels per conv block, log scale
 KERNELS = (3, 5)
 HEAD_RANGE = (32, 512)  # units of the head's hidden layer, log scale
@@ -64,7 +71,8 @@ def suggest(trial: optuna.Trial) -> CNNParams:
     padding = trial.suggest_categorical("padding", PADDINGS)
     batch_norm = trial.suggest_categorical("batch_norm", (False, True))
     pool = trial.suggest_categorical("pool", POOLS)
-    pool_at = trial.suggest_categorical("pool_at", POOL_AT)
+    pool_at = (trial.suggest_categorical("pool_at", POOL_AT)
+               if n_blocks <= MAX_BLOCKS_POOLED_LAST else "each")
     dropout = trial.suggest_categorical("dropout", CNN_DROPOUT)
     conv_rate = head_rate = 0.0
     if dropout in ("conv", "both"):
@@ -93,7 +101,9 @@ def to_trial_params(params: CNNParams) -> dict:
     flat.update({f"channels_b{i}": c for i, c in enumerate(params.channels)})
     flat.update({"kernel": params.kernel, "padding": params.padding,
                  "batch_norm": params.batch_norm, "pool": params.pool,
-                 "pool_at": params.pool_at, "dropout": params.dropout})
+                 "dropout": params.dropout})
+    if len(params.channels) <= MAX_BLOCKS_POOLED_LAST:
+        flat["pool_at"] = params.pool_at
     if params.dropout in ("conv", "both"):
         flat["conv_dropout_rate"] = params.conv_dropout_rate
     if params.dropout in ("head", "both"):

@@ -56,7 +56,7 @@ def test_final_files_reload_and_onnx(finished):
     _, _, outcome, root, _ = finished
     directory = root / "runs" / "cnn-digits"
     info = json.loads((directory / "model.json").read_text())
-    assert info["study"] == "cnn" and info["space_version"] == "cnn-v1"
+    assert info["study"] == "cnn" and info["space_version"] == "cnn-v2"
     # the training split's own statistics, computed here (population std over its pixels)
     pixels = outcome.dataset.train.x.double() / 255
     assert info["input"]["mean"] == pytest.approx([float(pixels.mean())], rel=1e-9)

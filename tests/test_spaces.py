@@ -146,6 +146,17 @@ def test_cnn_conditional_params(placement, optimizer):
     assert built.augment == params.augment
 
 
+@pytest.mark.parametrize("blocks", range(1, cnn.MAX_BLOCKS + 1))
+def test_only_shallow_cnns_may_pool_after_the_last_block_alone(blocks):
+    flat = {**BASE, "n_blocks": blocks, **{f"channels_b{i}": 16 for i in range(blocks)},
+            "pool_at": "last"}
+    params = cnn.suggest(optuna.trial.FixedTrial(flat))
+    assert params.pool_at == ("last" if blocks <= cnn.MAX_BLOCKS_POOLED_LAST else "each")
+    # and the flat params give back the same config
+    assert cnn.suggest(optuna.trial.FixedTrial(cnn.to_trial_params(params))) == params
+    assert ("pool_at" in cnn.to_trial_params(params)) == (blocks <= cnn.MAX_BLOCKS_POOLED_LAST)
+
+
 def test_sampled_cnn_params_stay_in_the_space_and_build():
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     strengths, blocks = set(), set()
