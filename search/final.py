@@ -77,6 +77,26 @@ class Outcome:
     feature_precision: str = ""  # what the cached features were made at (vgg16)
     # the final retrain's trial_epochs, max_epochs and patience (None: no early stopping)
     schedule: dict = field(default_factory=dict)
+    saved: str = "best found"  # the label in `results` of the config saved as the model
+
+    def saved_title(self) -> str:
+        """What the saved model is, in words: the best trial or a reference net."""
+        if self.saved == "best found":
+            return f"trial {self.best_trial.number}, retrained"
+        return f"the {self.saved}, retrained (higher on validation than the best found)"
+
+
+def choose_saved(results: dict[str, ConfigResult]) -> str:
+    """The config the final step saves: the one whose best seed scored highest on
+    validation (never test), the best found unless a reference net beat it there. With the
+    reference nets left out of the search, this keeps the saved model from ever being worse
+    on validation than the nets the search set out to beat."""
+    best = "best found"
+    for label, result in results.items():
+        if result.runs and (not results[best].runs or result.best_run().val_accuracy
+                            > results[best].best_run().val_accuracy):
+            best = label
+    return best
 
 
 def _reproduce_command(study: optuna.Study, cfg: RunConfig, schedule: dict) -> str:
@@ -178,9 +198,15 @@ def run_final(study: optuna.Study, cfg: RunConfig,
         staging = Path(tempfile.mkdtemp(prefix=f".{study.study_name}.partial-",
                                         dir=cfg.runs_dir))
         outcome = Outcome(study, spec, dataset, staging, best_trial, results, weights=weights,
-                          options=registry.saved_options(spec, cfg.input_size))
+                          options=registry.saved_options(spec, cfg.input_size),
+                          saved=choose_saved(results))
+        if outcome.saved != "best found":
+            log.info("the %s scored higher on validation than the best found (%.4f against "
+                     "%.4f at their best seeds): it is the saved model", outcome.saved,
+                     results[outcome.saved].best_run().val_accuracy,
+                     best_result.best_run().val_accuracy)
         try:
-            _write_run(outcome, cfg, params, {"trial_epochs": trial_epochs,
+            _write_run(outcome, cfg, results[outcome.saved].params, {"trial_epochs": trial_epochs,
                                               "max_epochs": epochs, "patience": patience},
                        batch_size, device, opened, steps)
             _publish(staging, directory)
@@ -270,7 +296,10 @@ def _applied_normalization(model: torch.nn.Module) -> dict:
 
 def _save_and_reload(outcome: Outcome, params, schedule: dict, batch_size: int,
                      steps: Steps) -> None:
-    spec, dataset, run = outcome.spec, outcome.dataset, outcome.results["best found"].best_run()
+    spec, dataset = outcome.spec, outcome.dataset
+    saved = outcome.results[outcome.saved]
+    run = saved.best_run()
+    from_trial = outcome.saved == "best found"
     backbone = {} if outcome.weights is None else {"weights_state": outcome.weights.state}
     built = spec.build(params, dataset.image_shape, len(dataset.classes),
                        dataset.channel_mean, dataset.channel_std, **outcome.options, **backbone)
@@ -280,8 +309,12 @@ def _save_and_reload(outcome: Outcome, params, schedule: dict, batch_size: int,
     model.eval()
     info = {
         "study": spec.name, "study_name": outcome.study.study_name,
-        "space_version": spec.space_version, "trial_number": outcome.best_trial.number,
-        "params": outcome.best_trial.params, "params_resolved": dataclasses.asdict(params),
+        "space_version": spec.space_version,
+        # the config saved: the best trial's, or a reference net that beat it on validation
+        "config": outcome.saved,
+        "trial_number": outcome.best_trial.number if from_trial else None,
+        "params": outcome.best_trial.params if from_trial else spec.to_trial_params(params),
+        "params_resolved": dataclasses.asdict(params),
         "input": {"shape": list(dataset.image_shape), "dtype": "float32",
                   "scale": "uint8 pixels / 255", "mean": list(dataset.channel_mean),
                   "std": list(dataset.channel_std), "normalized_inside_model": True,
@@ -291,9 +324,9 @@ def _save_and_reload(outcome: Outcome, params, schedule: dict, batch_size: int,
         # `patience`); trial_epochs: what the search's trials ran
         "training": {"epochs": run.epochs_trained, "best_epoch": run.best_epoch,
                      **schedule, "seed": run.seed,
-                     "seeds": [r.seed for r in outcome.results["best found"].runs],
+                     "seeds": [r.seed for r in saved.runs],
                      "batch_size": batch_size},
-        "n_parameters": outcome.results["best found"].n_parameters,
+        "n_parameters": saved.n_parameters,
         "n_parameters_total": count_parameters(model, trainable_only=False),
         "costs": costs.measure(spec, params, dataset.image_shape, len(dataset.classes),
                                **outcome.options).as_attrs(),

@@ -103,6 +103,42 @@ def test_final_retrains_train_longer_than_trials_and_stop_early(finished):
     assert "--final-epochs 8 --final-patience 2" in report  # the commands that redo it
 
 
+def test_the_saved_config_is_the_best_on_validation_never_on_test():
+    from search.retrain import ConfigResult, SeedRun
+
+    def result(label, *scores):  # (validation, test) per seed
+        return ConfigResult(label, None, 1, [SeedRun(i, [], 1, val, {}, {"accuracy": test})
+                                             for i, (val, test) in enumerate(scores)])
+
+    results = {"best found": result("best found", (0.90, 0.99), (0.93, 0.90)),
+               "lecture net": result("lecture net", (0.92, 0.99)),
+               "exercise net": result("exercise net", (0.93, 0.99))}
+    assert final_module.choose_saved(results) == "best found"  # a tie stays with it
+    results["lecture net"] = result("lecture net", (0.94, 0.80))
+    assert final_module.choose_saved(results) == "lecture net"
+    results["best found"] = ConfigResult("best found", None, 1, [], ["seed 0: diverged"])
+    assert final_module.choose_saved(results) == "lecture net"
+
+
+def test_a_reference_net_that_wins_on_validation_is_saved_reloaded_and_named(finished,
+                                                                            tmp_path,
+                                                                            monkeypatch):
+    cfg, study, _, _ = finished
+    monkeypatch.setattr(final_module, "choose_saved", lambda results: "lecture net")
+    outcome = final_module.run_final(study, dataclasses.replace(
+        cfg, final_seeds=1, runs_dir=str(tmp_path)))
+    directory = tmp_path / study.study_name
+    info = json.loads((directory / "model.json").read_text())
+    assert info["config"] == "lecture net" and info["trial_number"] is None
+    lecture = outcome.spec.references["lecture"]
+    loaded = load_model(directory / "model.pt")
+    assert loaded.params == lecture  # the lecture net's own params, not the best trial's
+    assert info["training"]["seed"] == outcome.results["lecture net"].best_run().seed
+    report = (directory / "report.md").read_text(encoding="utf-8")
+    assert "**Saved model: the lecture net, which scored higher on validation" in report
+    assert study.user_attrs["final"]["config"] == "lecture net"
+
+
 @pytest.mark.parametrize("given, expected", [
     ({}, (16, 4)), ({"final_epochs": 5}, (5, 4)), ({"final_patience": 0}, (16, None)),
     ({"final_epochs": 8, "final_patience": 1}, (8, 1))])

@@ -132,15 +132,20 @@ def mixed_settings(study: optuna.Study, best_trial) -> list[Block]:
 def build(outcome) -> list[Block]:
     study, ds, results = outcome.study, outcome.dataset, outcome.results
     best_trial, test = outcome.best_trial, outcome.test
-    best_summary = results["best found"].summary()
+    best_summary = results[outcome.saved].summary()
     blocks: list[Block] = [Heading(f"Study {study.study_name}", 1)]
     if outcome.weights is not None and outcome.weights.kind == "none":
         blocks.append(Text(report_sections.RANDOM_WEIGHTS))
     compare = ", ".join(
         f"{label} {results[label].summary()['test_accuracy']['mean']:.4f}"
-        for label in results if label != "best found" and results[label].runs)
+        for label in results if label != outcome.saved and results[label].runs)
+    title = "Best found" if outcome.saved == "best found" else (
+        f"Saved model: the {outcome.saved}, which scored higher on validation than the best "
+        f"found ({results[outcome.saved].best_run().val_accuracy:.4f} against "
+        f"{results['best found'].best_run().val_accuracy:.4f} at their best seeds)"
+        if results["best found"].runs else f"Saved model: the {outcome.saved}")
     blocks.append(Text(
-        f"**Best found: {metrics_module.accuracy_line(test)}** (the saved model, reloaded from "
+        f"**{title}: {metrics_module.accuracy_line(test)}** (the saved model, reloaded from "
         f"model.pt + model.json). Mean over {len(best_summary['seeds'])} retrain seeds: "
         f"{_mean_sd(best_summary['test_accuracy'])}" + (f"; {compare}." if compare else ".")))
 

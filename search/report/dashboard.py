@@ -44,9 +44,10 @@ def attach(outcome, opened, cfg) -> None:
             artifact_store=store, file_path=str(path), study_or_trial=outcome.study,
             storage=opened, mimetype=MIMETYPES.get(path.suffix, "application/octet-stream"))
     outcome.study.set_user_attr("final", {
-        "trial": outcome.best_trial.number, "directory": str(outcome.directory),
+        "trial": outcome.best_trial.number if outcome.saved == "best found" else None,
+        "config": outcome.saved, "directory": str(outcome.directory),
         "test_accuracy": outcome.test["accuracy"], "macro_f1": outcome.test["macro_f1"],
-        "n_parameters": outcome.results["best found"].n_parameters,
+        "n_parameters": outcome.results[outcome.saved].n_parameters,
         "n_parameters_total": outcome.model_info["n_parameters_total"],
         **({"weights": outcome.weights.describe()} if outcome.weights else {}),
         "artifacts": uploaded})
@@ -57,7 +58,7 @@ def attach(outcome, opened, cfg) -> None:
               if outcome.weights is not None and outcome.weights.kind == "none" else [])
     note = "\n".join([
         *banner,
-        f"## Final model: trial {outcome.best_trial.number}, retrained",
+        f"## Final model: {outcome.saved_title()}",
         "",
         f"**{metrics_module.accuracy_line(outcome.test)}**, from the model reloaded from "
         f"`{outcome.directory / 'model.pt'}`.",
