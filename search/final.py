@@ -86,13 +86,16 @@ class Outcome:
         return f"the {self.saved}, retrained (higher on validation than the best found)"
 
 
-def choose_saved(results: dict[str, ConfigResult]) -> str:
-    """The config the final step saves: the one whose best seed scored highest on
-    validation (never test), the best found unless a reference net beat it there. With the
-    reference nets left out of the search, this keeps the saved model from ever being worse
-    on validation than the nets the search set out to beat."""
+def choose_saved(results: dict[str, ConfigResult], eligible: set[str] | None = None) -> str:
+    """The config the final step saves: of the `eligible` labels (None: all; the best found
+    always is), the one whose best seed scored highest on validation (never test), the best
+    found unless a reference net beat it there. With the reference nets left out of the
+    search, this keeps the saved model from ever being worse on validation than the nets the
+    search set out to beat; a reference over a deployment limit is never eligible."""
     best = "best found"
     for label, result in results.items():
+        if eligible is not None and label not in eligible and label != best:
+            continue
         if result.runs and (not results[best].runs or result.best_run().val_accuracy
                             > results[best].best_run().val_accuracy):
             best = label
@@ -199,7 +202,12 @@ def run_final(study: optuna.Study, cfg: RunConfig,
                                         dir=cfg.runs_dir))
         outcome = Outcome(study, spec, dataset, staging, best_trial, results, weights=weights,
                           options=registry.saved_options(spec, cfg.input_size),
-                          saved=choose_saved(results))
+                          saved=choose_saved(results, {
+                              label for label, result in results.items()
+                              if costs.measure(spec, result.params, dataset.image_shape,
+                                               len(dataset.classes),
+                                               **registry.saved_options(spec, cfg.input_size)
+                                               ).over(cfg.limits()) is None}))
         if outcome.saved != "best found":
             log.info("the %s scored higher on validation than the best found (%.4f against "
                      "%.4f at their best seeds): it is the saved model", outcome.saved,

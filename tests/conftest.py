@@ -118,3 +118,12 @@ def onnx_agrees(onnx_path, model, images, atol: float = 1e-4) -> None:
     assert got.shape == expected.shape
     assert (got.argmax(1) == expected.argmax(1)).all()
     assert float(np.abs(got - expected).max()) <= atol
+
+
+def on_meta() -> bool:
+    """Whether a study's builder is being called by search.costs, which counts a config's
+    costs on the meta device before the trial builds its model: not one of the trial's
+    builds, for tests that count those."""
+    import torch
+
+    return torch.get_default_device().type == "meta"

@@ -112,6 +112,10 @@ def test_no_config_over_the_limit_is_trained_and_the_final_model_is_within_it(tm
     directory = tmp_path / "runs" / "mlp-digits"
     info = json.loads((directory / "model.json").read_text())
     assert info["n_parameters_total"] <= limit
+    # the reference nets (over the limit here) are retrained for comparison, never saved
+    assert info["config"] == "best found" and outcome.saved == "best found"
+    assert min(outcome.results[label].n_parameters for label in outcome.results
+               if label != "best found") > limit
     assert info["costs"] == study.best_trial.user_attrs["costs"]
     assert outcome.results["best found"].n_parameters <= limit
     # search.evaluate prints the saved model's costs beside its accuracy

@@ -57,8 +57,9 @@ def test_all_files_are_written(finished):
 def test_reloaded_model_predicts_like_the_trained_one(finished):
     _, _, outcome, directory = finished
     spec, dataset = outcome.spec, outcome.dataset
-    run = outcome.results["best found"].best_run()
-    built = spec.build(outcome.results["best found"].params, dataset.image_shape, 10,
+    # the config best on validation: the best found, or a reference net that beat it
+    run = outcome.results[outcome.saved].best_run()
+    built = spec.build(outcome.results[outcome.saved].params, dataset.image_shape, 10,
                        dataset.mean, dataset.std)
     built.model.load_state_dict(run.state)
     reloaded = load_model(directory / "model.pt")
@@ -95,7 +96,7 @@ def test_final_retrains_train_longer_than_trials_and_stop_early(finished):
             assert run.best_epoch == history.index(max(history)) + 1
             # every seed trained all 8 epochs, or stopped 2 after its best
             assert run.epochs_trained == 8 or run.epochs_trained == run.best_epoch + 2
-    best = outcome.results["best found"].best_run()
+    best = outcome.results[outcome.saved].best_run()
     assert training["epochs"] == best.epochs_trained and training["best_epoch"] == best.best_epoch
     report = (directory / "report.md").read_text(encoding="utf-8")
     assert ("for up to 8 epochs (the search's trials ran 4), stopped after 2 epochs without a "
@@ -116,6 +117,9 @@ def test_the_saved_config_is_the_best_on_validation_never_on_test():
     assert final_module.choose_saved(results) == "best found"  # a tie stays with it
     results["lecture net"] = result("lecture net", (0.94, 0.80))
     assert final_module.choose_saved(results) == "lecture net"
+    # a reference over a deployment limit is never saved, however it scored
+    assert final_module.choose_saved(results, {"exercise net"}) == "best found"  # it ties
+    assert final_module.choose_saved(results, {"lecture net"}) == "lecture net"
     results["best found"] = ConfigResult("best found", None, 1, [], ["seed 0: diverged"])
     assert final_module.choose_saved(results) == "lecture net"
 
@@ -124,7 +128,8 @@ def test_a_reference_net_that_wins_on_validation_is_saved_reloaded_and_named(fin
                                                                             tmp_path,
                                                                             monkeypatch):
     cfg, study, _, _ = finished
-    monkeypatch.setattr(final_module, "choose_saved", lambda results: "lecture net")
+    monkeypatch.setattr(final_module, "choose_saved",
+                        lambda results, eligible=None: "lecture net")
     outcome = final_module.run_final(study, dataclasses.replace(
         cfg, final_seeds=1, runs_dir=str(tmp_path)))
     directory = tmp_path / study.study_name
@@ -411,7 +416,9 @@ def test_a_second_final_keeps_the_first_and_a_failed_one_changes_nothing(finishe
     assert sha256_of(stored / ids["model.json"]) == sha256_of(directory / "model.json")
     info = json.loads((directory / "model.json").read_text(encoding="utf-8"))
     assert info["sha256"] == sha256_of(directory / "model.pt")  # one run's files, not a mix
-    assert load_model(directory / "model.pt").info["trial_number"] == study.best_trial.number
+    saved = load_model(directory / "model.pt").info
+    assert saved["trial_number"] == (study.best_trial.number
+                                     if saved["config"] == "best found" else None)
     report = (directory / "report.md").read_bytes().decode("utf-8")
     assert "±" in report  # written as UTF-8
     assert f"search.replay --storage sqlite:///{runs.parent}" in report
