@@ -13,16 +13,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+sys.path.insert(0, str(ROOT))  # this checkout's search package
+from search.config import cpu_name  # noqa: E402
 
 
 def _commit() -> str:
@@ -47,7 +39,7 @@ def header(command: str | None = None) -> str:
     lines = [
         f"date     {time.strftime('%Y-%m-%d %H:%M %Z')}",
         f"commit   {_commit()}",
-        f"cpu      {_cpu_model()}, {os.cpu_count()} cores",
+        f"cpu      {cpu_name()}, {os.cpu_count()} cores",
         f"gpu      {gpus}",
         f"os       {platform.platform()}",
         f"versions python {platform.python_version()}, torch {torch.__version__}, "

@@ -212,6 +212,17 @@ class RunConfig:
         return {**asdict(self), "storage": storage.shown(self.storage)}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def check_writable(directory: str | Path, flag: str) -> None:
     """ConfigError unless `directory` is a folder, or could be made one, that this user can
     write (checked before the search, so hours of trials do not end in a PermissionError)."""

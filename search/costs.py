@@ -19,6 +19,7 @@ import optuna
 import torch
 from torch import nn
 
+from search.config import cpu_name
 from search.registry import StudySpec
 
 # flag of search.run -> the Costs field it bounds; FLOPs are counted as multiply-adds, as
@@ -130,19 +131,6 @@ def constraint_values(trial) -> tuple[float, ...]:
 LATENCY_BATCHES = (1, 64)
 LATENCY_RUNS = (3, 20)  # at least, at most: timed runs per batch size, after one warm-up
 LATENCY_SECONDS = 2.0  # per batch size, once LATENCY_RUNS[0] runs are done
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform says."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def onnx_latency(path: Path, image_shape) -> dict:
