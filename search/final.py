@@ -78,6 +78,7 @@ class Outcome:
     # the final retrain's trial_epochs, max_epochs and patience (None: no early stopping)
     schedule: dict = field(default_factory=dict)
     saved: str = "best found"  # the label in `results` of the config saved as the model
+    config_costs: dict[str, costs.Costs] = field(default_factory=dict)  # by label in results
 
     def saved_title(self) -> str:
         """What the saved model is, in words: the best trial or a reference net."""
@@ -200,14 +201,16 @@ def run_final(study: optuna.Study, cfg: RunConfig,
         Path(cfg.runs_dir).mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{study.study_name}.partial-",
                                         dir=cfg.runs_dir))
+        options = registry.saved_options(spec, cfg.input_size)
+        # each config's costs, counted once: which may be saved, model.json, the report
+        config_costs = {label: costs.measure(spec, result.params, dataset.image_shape,
+                                             len(dataset.classes), **options)
+                        for label, result in results.items()}
         outcome = Outcome(study, spec, dataset, staging, best_trial, results, weights=weights,
-                          options=registry.saved_options(spec, cfg.input_size),
+                          options=options, config_costs=config_costs,
                           saved=choose_saved(results, {
-                              label for label, result in results.items()
-                              if costs.measure(spec, result.params, dataset.image_shape,
-                                               len(dataset.classes),
-                                               **registry.saved_options(spec, cfg.input_size)
-                                               ).over(cfg.limits()) is None}))
+                              label for label, cost in config_costs.items()
+                              if cost.over(cfg.limits()) is None}))
         if outcome.saved != "best found":
             log.info("the %s scored higher on validation than the best found (%.4f against "
                      "%.4f at their best seeds): it is the saved model", outcome.saved,
@@ -336,8 +339,7 @@ def _save_and_reload(outcome: Outcome, params, schedule: dict, batch_size: int,
                      "batch_size": batch_size},
         "n_parameters": saved.n_parameters,
         "n_parameters_total": count_parameters(model, trainable_only=False),
-        "costs": costs.measure(spec, params, dataset.image_shape, len(dataset.classes),
-                               **outcome.options).as_attrs(),
+        "costs": outcome.config_costs[outcome.saved].as_attrs(),
         "options": outcome.options,
         **({"weights": outcome.weights.describe()} if outcome.weights else {}),
         "versions": versions(),

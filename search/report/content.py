@@ -253,10 +253,9 @@ def _comparison(outcome) -> list[Block]:
                          "-", "-", "-", "all seeds diverged"])
             continue
         s = result.summary()
-        cost = costs.measure(outcome.spec, result.params, outcome.dataset.image_shape,
-                             len(outcome.dataset.classes), **outcome.options)
         rows.append([label, outcome.spec.describe(result.params),
-                     f"{s['n_parameters']:,}", f"{cost.macs:,}", _mean_sd(s["val_accuracy"]),
+                     f"{s['n_parameters']:,}", f"{outcome.config_costs[label].macs:,}",
+                     _mean_sd(s["val_accuracy"]),
                      _mean_sd(s["test_accuracy"]), _mean_sd(s["macro_f1"]),
                      ", ".join(f"{b}/{n}" for b, n in zip(s["best_epochs"],
                                                           s["epochs_trained"], strict=True)),
