@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "score; the final step runs after it")
     search.add_argument("--epochs", type=int, metavar="N", help="epochs per trial (default: "
                         "the study's: mlp 20 on small data and about 4,200 optimizer steps on "
-                        "large, cnn 8, vgg16 10)")
+                        "large, cnn 8 on small data and about 1,200 steps on large, vgg16 10)")
     search.add_argument("--batch-size", type=int, default=128, metavar="N",
                         help="training batch size, fixed, not tuned")
     search.add_argument("--seed", type=int, default=0, metavar="N",

@@ -93,7 +93,7 @@ def test_two_workers_share_one_budget_and_log_every_trial(tmp_path):
         assert f"trial {trial.number} " in result.stderr
 
 
-@pytest.mark.parametrize("study, small, large", [("mlp", 20, 10), ("cnn", 8, 8),
+@pytest.mark.parametrize("study, small, large", [("mlp", 20, 10), ("cnn", 8, 3),
                                                   ("vgg16", 10, 10)])
 def test_epochs_default_to_the_studys_own_for_the_datas_size(study, small, large):
     from search import registry
