@@ -110,6 +110,9 @@ def add_final_options(group) -> None:
                        help="stop a final retrain after P epochs without a better validation "
                        "accuracy, keeping its best epoch (default: half the best trial's "
                        "epochs, at least 2; 0: never stop early)")
+    group.add_argument("--front-models", type=int, default=3, metavar="K",
+                       help="with --objectives: how many Pareto-optimal trials the final step "
+                       "retrains and saves, spread from the cheapest to the most accurate")
     group.add_argument("--runs-dir", default="runs", metavar="DIR",
                        help="the final model and report go to DIR/<study-name>/")
 

@@ -41,6 +41,13 @@ REFERENCE_MODES = {
     "skip": "not run in the search",
 }
 
+# --objectives: validation accuracy first (maximized), then any of these costs (minimized),
+# each the name of its metric in the study (optuna-dashboard's axis labels)
+COST_OBJECTIVES = {"params": "parameters", "flops": "multiply-adds per image"}
+ACCURACY_METRIC = "validation accuracy"
+# pruners of a study with several objectives: "sha" there halves among cost peers
+PARETO_PRUNERS = ("sha", "none")
+
 TRIAL_SETTINGS = ("epochs", "batch_size", "sampler", "pruner", "seed")
 
 # Upper bounds: far above any real use, low enough that a typo (an extra 000) is caught
@@ -51,6 +58,7 @@ MAX_LIMIT = 10**11  # --max-params, --max-flops: far above VGG16's 138M and 15.5
 MAX_BATCH_SIZE = 65_536
 MAX_WORKERS = 256
 MAX_FINAL_SEEDS = 100
+MAX_FRONT_MODELS = 20
 MAX_INPUT_SIZE = 1024
 MAX_TIMEOUT_S = 30 * 24 * 3600
 MAX_SEED = 2**31 - 2  # trial seeds are taken modulo 2**31 - 1
@@ -65,6 +73,7 @@ def _BOUNDS(cfg: RunConfig) -> tuple:  # noqa: N802 (a table)
             ("--workers", cfg.workers, MAX_WORKERS),
             ("--workers-per-device", cfg.workers_per_device, MAX_WORKERS),
             ("--final-seeds", cfg.final_seeds, MAX_FINAL_SEEDS),
+            ("--front-models", cfg.front_models, MAX_FRONT_MODELS),
             ("--final-epochs", cfg.final_epochs, MAX_EPOCHS),
             ("--max-params", cfg.max_params, MAX_LIMIT), ("--max-flops", cfg.max_flops, MAX_LIMIT))
 
@@ -120,6 +129,8 @@ class RunConfig:
     references: str | None = None  # one of REFERENCE_MODES; None: the study's default
     final: bool = True
     final_seeds: int = 3
+    # a Pareto search's final step retrains this many front models, cheapest to most accurate
+    front_models: int = 3
     # the most epochs of each final retrain; None: FINAL_EPOCH_FACTOR x the best trial's
     final_epochs: int | None = None
     # stop a final retrain after this many epochs without a better validation accuracy;
@@ -140,6 +151,9 @@ class RunConfig:
     # deployment limits (search.costs.LIMITS): a config over one is never trained
     max_params: int | None = None
     max_flops: int | None = None  # multiply-adds per image
+    # what the search optimizes: ("accuracy",), or accuracy and COST_OBJECTIVES (a Pareto
+    # search, one direction per objective)
+    objectives: tuple[str, ...] = ("accuracy",)
 
     def __post_init__(self) -> None:
         for flag, value, top in _BOUNDS(self):
@@ -183,6 +197,16 @@ class RunConfig:
         if self.workers is not None and self.workers_per_device is not None:
             raise ConfigError("give --workers (the total) or --workers-per-device (per GPU), "
                               "not both")
+        object.__setattr__(self, "objectives", parse_objectives(self.objectives))
+        if self.pareto and self.pruner not in PARETO_PRUNERS:
+            raise ConfigError(f"--pruner {self.pruner} ranks one objective; with --objectives "
+                              f"{','.join(self.objectives)} use sha (halving among trials that "
+                              f"cost no more) or none")
+
+    @property
+    def pareto(self) -> bool:
+        """Whether the search has cost objectives beside accuracy (a Pareto front)."""
+        return len(self.objectives) > 1
 
     def image_options(self):
         """How --data PATH is read (search.data.ImageOptions)."""
@@ -210,6 +234,18 @@ class RunConfig:
         import storage
 
         return {**asdict(self), "storage": storage.shown(self.storage)}
+
+
+def parse_objectives(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """--objectives as given ("accuracy,params") or already split: ("accuracy", costs...).
+    Raises ConfigError unless accuracy comes first and each cost is known, once."""
+    names = tuple(n.strip() for n in (value.split(",") if isinstance(value, str) else value))
+    costs = names[1:]
+    if (not names or names[0] != "accuracy" or len(set(costs)) != len(costs)
+            or not set(costs) <= set(COST_OBJECTIVES)):
+        raise ConfigError(f"--objectives {','.join(names)}: give accuracy, then any of "
+                          f"{', '.join(COST_OBJECTIVES)} once each, e.g. accuracy,params")
+    return names
 
 
 def cpu_name() -> str:

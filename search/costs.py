@@ -29,6 +29,8 @@ LIMITS = {"max_params": "params", "max_flops": "macs"}
 # The sampler learns them through Trial.set_constraint (Optuna 5, every sampler reads them),
 # or on older Optuna through TPE's constraints_func (constraint_values), deprecated in 5.0
 CONSTRAINTS_ATTR = "constraints"
+# --objectives cost name (search.config.COST_OBJECTIVES) -> the Costs field it minimizes
+OBJECTIVE_FIELDS = {"params": "params", "flops": "macs"}
 PER_TRIAL_CONSTRAINTS = hasattr(optuna.trial.Trial, "set_constraint")
 
 
@@ -46,6 +48,10 @@ class Costs:
         trained = "" if self.trainable == self.params else f" ({self.trainable:,} trained)"
         return (f"{self.params:,} parameters{trained}, {_short(self.macs)} multiply-adds per "
                 f"image, {self.weight_bytes / 1e6:.3g} MB of weights")
+
+    def objective_values(self, objectives: tuple[str, ...]) -> tuple[int, ...]:
+        """The values of the cost objectives `objectives` (OBJECTIVE_FIELDS keys)."""
+        return tuple(getattr(self, OBJECTIVE_FIELDS[name]) for name in objectives)
 
     def tell(self, trial: optuna.Trial, limits: dict[str, int | None]) -> list[float]:
         """Give `trial` its constraint values (violations) where Optuna takes them per trial,

@@ -93,7 +93,14 @@ class TrialRecorder:
         ask = prunable and self.asks_at(step)
         if ask or time.monotonic() - self.written >= REPORT_EVERY_S:
             self.write()
-        return ask and self.trial.should_prune()
+        if not ask:
+            return False
+        study = self.trial.study
+        if len(study.directions) == 1:
+            return self.trial.should_prune()
+        # Optuna's should_prune refuses several objectives; the study's pruner
+        # (search.study.CostPeerHalving) is asked with the trial as stored
+        return study.pruner.prune(study, self.trial.storage.get_trial(self.trial._trial_id))
 
 
 class Objective:
@@ -143,7 +150,7 @@ class Objective:
         return train, val, lambda: self.spec.build_head(params, train.x.shape[1],
                                                         self.n_classes)
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         # which process runs it: a parent whose worker died fails and retries its trial
         trial.set_user_attr("worker", worker_id())
         if budget.over_budget(trial.study, trial.number):
@@ -177,8 +184,9 @@ class Objective:
             raise optuna.TrialPruned(f"infeasible: {over}")
         return attrs
 
-    def _train(self, trial: optuna.Trial) -> float:
-        """The trial from its params to its best validation accuracy; an out-of-memory
+    def _train(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        """The trial from its params to its best validation accuracy (and, in a Pareto
+        search, its cost objectives, counted before it trained); an out-of-memory
         error anywhere in it (moving the model or features to the device, building, training)
         is the caller's to handle."""
         # the params reach the database with the start attributes, in one commit instead of
@@ -253,4 +261,6 @@ class Objective:
                 end["augment_copies_seen"] = len(epoch_images.seen)
                 end["augment_seconds"] = round(self.augment.stats.seconds - augment_seconds, 3)
             recorder.write(**end)  # with the reports not written yet
+        if self.cfg.pareto:
+            return (best["accuracy"], *cost.objective_values(self.cfg.objectives[1:]))
         return best["accuracy"]

@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-flops", type=int, metavar="N",
                         help="the most multiply-adds per image (FLOPs as torchvision's model "
                         "tables count them)")
+    limits.add_argument("--objectives", default="accuracy", metavar="LIST",
+                        help="what the search optimizes: accuracy, or accuracy and costs "
+                        "(params, flops), e.g. accuracy,params: a Pareto search whose "
+                        "trials are pruned only by cheaper ones, and whose final step "
+                        "retrains and saves several models along the front")
     stored = parser.add_argument_group("storage")
     stored.add_argument("--storage", default=storage.DEFAULT_URL, metavar="URL",
                         help="where the study is kept: an SQLAlchemy database URL (sqlite:///"
@@ -163,14 +168,14 @@ def config_from_args(argv: list[str] | None = None) -> RunConfig:
         storage=args.storage, study_name=args.study_name, seed=args.seed, device=args.device,
         workers=args.workers, workers_per_device=args.workers_per_device,
         sampler=args.sampler, pruner=args.pruner, references=args.references, final=args.final,
-        final_seeds=args.final_seeds, final_epochs=args.final_epochs,
-        final_patience=args.final_patience, runs_dir=args.runs_dir,
+        final_seeds=args.final_seeds, front_models=args.front_models,
+        final_epochs=args.final_epochs, final_patience=args.final_patience, runs_dir=args.runs_dir,
         artifact_dir=args.artifact_dir,
         cache_dir=args.cache_dir, cache_max_gb=args.cache_max_gb, weights=args.weights,
         input_size=args.input_size, image_size=args.image_size, channels=args.channels,
         test_fraction=args.test_fraction, skip_bad_images=args.skip_bad_images,
         augment_flips=args.augment_flips, max_params=args.max_params,
-        max_flops=args.max_flops,
+        max_flops=args.max_flops, objectives=args.objectives,
     )
 
 
@@ -271,7 +276,13 @@ def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, D
         log.info("stopped at the deadline, pruned at their last score: trial%s %s",
                  "s" if len(stopped) > 1 else "", ", ".join(map(str, stopped)))
     best = best_value(study)
-    if best is not None:
+    if best is not None and cfg.pareto:
+        front = sorted(study.best_trials, key=lambda t: t.values[1:])
+        log.info("Pareto front of %d trial(s) (%s): %s", len(front), ", ".join(
+            cfg.objectives), "; ".join(f"trial {t.number} {t.values[0]:.4f} "
+                                       + " ".join(f"{v:,.0f}" for v in t.values[1:])
+                                       for t in front))
+    elif best is not None:
         log.info("best trial %d: val accuracy %.4f, params %s", study.best_trial.number,
                  best, study.best_trial.params)
     return study, opened, dataset

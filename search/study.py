@@ -18,7 +18,15 @@ import optuna
 import storage as storage_module
 from search import costs, registry, tpe_speedups
 from search import data as data_module
-from search.config import PRUNERS, SAMPLERS, RunConfig, trial_seed, versions
+from search.config import (
+    ACCURACY_METRIC,
+    COST_OBJECTIVES,
+    PRUNERS,
+    SAMPLERS,
+    RunConfig,
+    trial_seed,
+    versions,
+)
 from search.data import Dataset
 from search.errors import ConfigError
 from search.registry import StudySpec
@@ -118,8 +126,12 @@ class TrialSeeded(optuna.samplers.BaseSampler):
 REDUCTION_FACTOR = 3  # successive halving and Hyperband keep the best third at each rung
 
 
-def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
-    """Raises ConfigError on an unknown pruner name."""
+def make_pruner(name: str, epochs: int,
+                costs_objectives: tuple[str, ...] = ()) -> optuna.pruners.BasePruner:
+    """Raises ConfigError on an unknown pruner name. With `costs_objectives` (a Pareto
+    search's cost objectives, search.config.COST_OBJECTIVES keys) "sha" is CostPeerHalving."""
+    if costs_objectives and name == "sha":
+        return CostPeerHalving(costs_objectives)
     if name == "hyperband":
         return AtRungs(optuna.pruners.HyperbandPruner(
             min_resource=1, max_resource=epochs, reduction_factor=REDUCTION_FACTOR))
@@ -176,6 +188,43 @@ class AtRungs(optuna.pruners.BasePruner):
         return self.inner.prune(_MarksKept(study, marks, trial._trial_id), shown)
 
 
+class CostPeerHalving(optuna.pruners.BasePruner):
+    """Successive halving for a search of accuracy against costs, where Optuna prunes
+    nothing (Trial.should_prune refuses a study of several objectives; search.objective asks
+    this pruner itself). A trial's costs are known before its first epoch, so at each rung
+    (1, 3, 9, ... epochs, as AtRungs) it is compared only with its cost peers: the trials
+    that reached the same epoch and cost no more on any cost objective. It stops when its
+    accuracy there is below the best third of those peers (itself included), as successive
+    halving would among all. A cheaper trial than any other is never stopped: it is on the
+    front whatever its accuracy, and a larger one is stopped only by smaller ones that are
+    more accurate at the same point of training."""
+
+    def __init__(self, costs_objectives: tuple[str, ...]) -> None:
+        self.fields = tuple(costs.OBJECTIVE_FIELDS[name] for name in costs_objectives)
+
+    asks_at = staticmethod(AtRungs.asks_at)
+
+    def cost_of(self, trial: optuna.trial.FrozenTrial) -> tuple[int, ...] | None:
+        measured = trial.user_attrs.get("costs")
+        return None if measured is None else tuple(measured[f] for f in self.fields)
+
+    def prune(self, study, trial) -> bool:
+        step = trial.last_step
+        own = self.cost_of(trial)
+        if step is None or own is None or not self.asks_at(step):
+            return False
+        value = trial.intermediate_values[step]
+        peers = [value]
+        for other in study.get_trials(deepcopy=False):
+            if other.number == trial.number or step not in other.intermediate_values:
+                continue
+            cost = self.cost_of(other)
+            if cost is not None and all(c <= o for c, o in zip(cost, own, strict=True)):
+                peers.append(other.intermediate_values[step])
+        kept = len(peers) // REDUCTION_FACTOR
+        return kept > 0 and value < sorted(peers, reverse=True)[kept - 1]
+
+
 class _MarksKept:
     """`study` for a pruner, with a storage that also keeps in `marks` what the pruner
     writes on trial `trial_id`'s system attributes."""
@@ -208,17 +257,21 @@ def open_study(cfg: RunConfig, spec: StudySpec, dataset: Dataset,
     was made for other data, another study, another version of the space or (vgg16) other
     backbone weights or input size."""
     sampler = make_sampler(cfg.sampler, cfg.seed, cfg.constrained)
-    pruner = make_pruner(cfg.pruner, cfg.epochs)
+    pruner = make_pruner(cfg.pruner, cfg.epochs, cfg.objectives[1:])
+    directions = ["maximize"] + ["minimize"] * (len(cfg.objectives) - 1)
     try:
         study = optuna.create_study(storage=storage, study_name=study_name,
-                                    direction="maximize", sampler=sampler, pruner=pruner)
+                                    directions=directions, sampler=sampler, pruner=pruner)
         created = True
     except optuna.exceptions.DuplicatedStudyError:  # resuming, or another machine made it
         study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler,
                                   pruner=pruner)
         created = False
-    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise ConfigError(f"study {study_name!r} exists and minimizes; pick another --study-name")
+    made = [d.name.lower() for d in study.directions]
+    if made != directions:
+        raise ConfigError(f"study {study_name!r} exists with directions {', '.join(made)}; "
+                          f"this run needs {', '.join(directions)} (--objectives "
+                          f"{','.join(cfg.objectives)}); pick another --study-name")
     attrs = study.user_attrs
     if not created and "space_version" not in attrs:
         # only the machine that created the study initializes it (and enqueues the reference
@@ -310,7 +363,8 @@ def _initialize(study: optuna.Study, cfg: RunConfig, spec: StudySpec, dataset: D
     with warnings.catch_warnings():  # experimental in Optuna; only a label
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         # optuna-dashboard labels its plots with this instead of "Objective 0"
-        study.set_metric_names(["validation accuracy"])
+        study.set_metric_names([ACCURACY_METRIC] + [COST_OBJECTIVES[name]
+                                                    for name in cfg.objectives[1:]])
     # last: its presence marks the study as initialized
     study.set_user_attr("space_version", spec.space_version)
     if cfg.references == "skip":
@@ -326,19 +380,24 @@ def _initialize(study: optuna.Study, cfg: RunConfig, spec: StudySpec, dataset: D
 
 
 def last_value(trial: optuna.trial.FrozenTrial) -> float | None:
-    """A trial's value, or for a pruned one the validation accuracy of its last epoch."""
-    if trial.value is not None:
-        return trial.value
+    """A trial's validation accuracy (its first value in a Pareto search), or for a pruned
+    one the validation accuracy of its last epoch."""
+    if trial.values:
+        return trial.values[0]
     if trial.intermediate_values:
         return trial.intermediate_values[max(trial.intermediate_values)]
     return None
 
 
 def best_value(study: optuna.Study) -> float | None:
-    try:
-        return study.best_value
-    except ValueError:  # no completed trial yet
-        return None
+    """The best validation accuracy of a completed trial (of a Pareto search too), or None."""
+    if len(study.directions) == 1:
+        try:
+            return study.best_value
+        except ValueError:  # no completed trial yet
+            return None
+    return max((t.values[0] for t in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))), default=None)
 
 
 def load_existing(url: str, study_name: str) -> tuple[optuna.Study, optuna.storages.BaseStorage]:

@@ -176,7 +176,7 @@ def _worker(cfg_dict: dict, study_name: str, device: str, index: int, target: in
         study = optuna.load_study(study_name=study_name, storage=storage.open(cfg.storage))
         # seeded per trial number
         study.sampler = make_sampler(cfg.sampler, cfg.seed, cfg.constrained)
-        study.pruner = make_pruner(cfg.pruner, cfg.epochs)
+        study.pruner = make_pruner(cfg.pruner, cfg.epochs, cfg.objectives[1:])
         _pull_trials(study, Objective(registry.get(cfg.study), dataset, cfg,
                                       torch.device(device), deadline=deadline), cfg, target)
     except ConfigError as exc:

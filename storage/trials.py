@@ -131,7 +131,10 @@ def write_trial(trial, user_attrs: dict | None = None,
         for key, value in user_attrs.items():
             trial.set_user_attr(key, value)
         for step, value in sorted(reports.items()):
-            trial.report(value, step)
+            if len(trial.study.directions) == 1:
+                trial.report(value, step)
+            else:  # Trial.report refuses several objectives; the storage takes the value
+                store.set_trial_intermediate_value(trial_id, step, value)
         return
     fresh = {int(step): float(value) for step, value in reports.items()
              if int(step) not in cached.intermediate_values}  # report() ignores a repeat too
