@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shlex
 import shutil
 import sys
@@ -40,9 +41,10 @@ from search.models import Normalize, count_parameters
 from search.models.vgg16 import ImageNetInput, VGGWeights, resolve_weights
 from search.registry import StudySpec
 from search.report import content as report_content
+from search.report import front as front_report
 from search.report import render
 from search.report import sections as report_sections
-from search.report.dashboard import attach
+from search.report.dashboard import attach, attach_front
 from search.report.figures import write_figures
 from search.retrain import ConfigResult, retrain
 from search.study import config_of_study, load_existing, load_study_data
@@ -79,6 +81,8 @@ class Outcome:
     schedule: dict = field(default_factory=dict)
     saved: str = "best found"  # the label in `results` of the config saved as the model
     config_costs: dict[str, costs.Costs] = field(default_factory=dict)  # by label in results
+    # a Pareto search's: every front model's outcome, cheapest first (this one among them)
+    front: list[Outcome] = field(default_factory=list)
 
     def saved_title(self) -> str:
         """What the saved model is, in words: the best trial or a reference net."""
@@ -103,10 +107,12 @@ def choose_saved(results: dict[str, ConfigResult], eligible: set[str] | None = N
     return best
 
 
-def _reproduce_command(study: optuna.Study, cfg: RunConfig, schedule: dict) -> str:
+def _reproduce_command(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg: RunConfig,
+                       schedule: dict, directory: Path) -> str:
     made = study.user_attrs.get("config", {})
     final = ["--final-seeds", str(cfg.final_seeds), "--final-epochs",
-             str(schedule["max_epochs"]), "--final-patience", str(schedule["patience"] or 0)]
+             str(schedule["max_epochs"]), "--final-patience", str(schedule["patience"] or 0),
+             *(["--front-models", str(cfg.front_models)] if cfg.pareto else [])]
     run = ["python", "-m", "search.run", "--study", study.user_attrs.get("study", cfg.study),
            "--data", study.user_attrs.get("data", {}).get("dataset", cfg.data),
            "--storage", storage.shown(cfg.storage), "--study-name", study.study_name,
@@ -114,20 +120,20 @@ def _reproduce_command(study: optuna.Study, cfg: RunConfig, schedule: dict) -> s
            "--epochs", str(made.get("epochs", cfg.epochs)),
            "--sampler", made.get("sampler", cfg.sampler),
            "--pruner", made.get("pruner", cfg.pruner),
+           *(["--objectives", ",".join(cfg.objectives)] if cfg.pareto else []),
            "--n-trials", str(len(study.trials)), *final]
     redo = ["python", "-m", "search.final", "--storage", storage.shown(cfg.storage),
             "--study-name", study.study_name, *final]
     replay = ["python", "-m", "search.replay", "--storage", storage.shown(cfg.storage),
-              "--study-name", study.study_name, "--trial", str(study.best_trial.number)]
+              "--study-name", study.study_name, "--trial", str(trial.number)]
     devices = {t.user_attrs.get("device", "?") for t in study.trials} - {"?"}
     gpu = any(d.startswith("cuda") for d in devices)
-    directory = Path(cfg.runs_dir) / study.study_name
     return "\n".join([
         "# the whole search: the same trials only for a study run once, by one worker",
         "# (TPE's proposals depend on which trials had finished; resumed or parallel runs",
         "# do not repeat them):",
         shlex.join(run),
-        "# the best trial again, from its stored params, seed, settings and CPU thread count;",
+        "# this trial again, from its stored params, seed, settings and CPU thread count;",
         "# equal to its stored value on the CPU"
         + ("; this study ran on a GPU, whose kernels differ run to run" if gpu else "")
         + ":",
@@ -139,99 +145,194 @@ def _reproduce_command(study: optuna.Study, cfg: RunConfig, schedule: dict) -> s
     ])
 
 
+def front_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
+    """Up to `k` Pareto-optimal completed trials of a study of accuracy against costs,
+    spread along its front, ordered from the cheapest to the most accurate: the cheapest
+    (on its costs in order) and the most accurate always, between them those whose first
+    cost lies nearest to evenly spaced points on a log scale."""
+    front = sorted(study.best_trials, key=lambda t: (tuple(t.values[1:]), -t.values[0]))
+    if len(front) <= k:
+        return front
+    cheapest, top = front[0], max(front, key=lambda t: (t.values[0], [-v for v in t.values[1:]]))
+    chosen = {cheapest.number: cheapest, top.number: top}
+    low, high = (math.log(max(t.values[1], 1.0)) for t in (cheapest, top))
+    for j in range(1, k - 1):
+        aim = low + (high - low) * j / (k - 1)
+        left = [t for t in front if t.number not in chosen]
+        if not left or len(chosen) >= k:
+            break
+        pick = min(left, key=lambda t: abs(math.log(max(t.values[1], 1.0)) - aim))
+        chosen[pick.number] = pick
+    return sorted(chosen.values(), key=lambda t: (tuple(t.values[1:]), -t.values[0]))
+
+
+def front_folder(trial: optuna.trial.FrozenTrial) -> str:
+    """The subfolder of runs/<study-name>/ that holds a front model of a Pareto search."""
+    return f"trial-{trial.number}"
+
+
+@dataclass
+class _Schedule:
+    """How a trial's config is retrained: the trial's own epochs and batch size."""
+    trial_epochs: int
+    max_epochs: int
+    patience: int | None
+    batch_size: int
+
+    @classmethod
+    def of(cls, trial: optuna.trial.FrozenTrial, cfg: RunConfig) -> _Schedule:
+        # a trial's own settings (older studies stored epochs and batch_size as attrs of
+        # their own)
+        ran_with = {**trial.user_attrs, **trial.user_attrs.get("settings", {})}
+        trial_epochs = int(ran_with.get("epochs", cfg.epochs))
+        epochs, patience = final_training(cfg, trial_epochs)
+        return cls(trial_epochs, epochs, patience, int(ran_with.get("batch_size",
+                                                                     cfg.batch_size)))
+
+    def as_dict(self) -> dict:
+        return {"trial_epochs": self.trial_epochs, "max_epochs": self.max_epochs,
+                "patience": self.patience}
+
+
 def run_final(study: optuna.Study, cfg: RunConfig,
               opened: optuna.storages.BaseStorage | None = None,
               dataset: Dataset | None = None) -> Outcome:
     """Retrain, save, reload, evaluate, export and report; `dataset` is the one the search
-    loaded (checked against the study), else loaded again. Raises ConfigError when the study
-    has no completed trial, its data cannot be found or differs, or every retrain seed
-    diverged."""
+    loaded (checked against the study), else loaded again. A study of accuracy against
+    costs (--objectives) retrains up to cfg.front_models trials of its Pareto front, each
+    saved in its own subfolder, and writes a report of the front above them; the outcome
+    returned is then the most accurate one's, with every front model's in `front`. Raises
+    ConfigError when the study has no completed trial, its data cannot be found or differs,
+    or every retrain seed diverged."""
     spec = registry.get(study.user_attrs.get("study", cfg.study))
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not completed:
         raise ConfigError(f"study {study.study_name!r} has no completed trial to retrain; "
                           "run more trials first")
-    best_trial = study.best_trial
+    pareto = len(study.directions) > 1
+    chosen = front_trials(study, cfg.front_models) if pareto else [study.best_trial]
+    lead = chosen[-1]  # the most accurate: the reference nets retrain with its settings
     dataset = load_study_data(study, cfg, dataset)
     device = resolve_device(cfg.device)
     use_device(device)
-    params = spec.suggest(optuna.trial.FixedTrial(best_trial.params))
-    # a trial's own settings (older studies stored epochs and batch_size as attrs of their own)
-    ran_with = {**best_trial.user_attrs, **best_trial.user_attrs.get("settings", {})}
-    trial_epochs = int(ran_with.get("epochs", cfg.epochs))
-    epochs, patience = final_training(cfg, trial_epochs)
+    params = {t.number: spec.suggest(optuna.trial.FixedTrial(t.params)) for t in chosen}
+    schedules = {t.number: _Schedule.of(t, cfg) for t in chosen}
     seeds = [trial_seed(cfg.seed, FINAL_SEED_OFFSET + k) for k in range(cfg.final_seeds)]
-    log.info("final: retraining trial %d's params and %d reference configs with seeds %s, "
-             "up to %d epochs each (trials ran %d)%s", best_trial.number, len(spec.references),
-             seeds, epochs, trial_epochs,
-             f", stopped after {patience} without a better validation accuracy"
-             if patience else "")
+    schedule = schedules[lead.number]
+    what = (f"{len(chosen)} trials of the Pareto front ("
+            + ", ".join(str(t.number) for t in chosen) + ")" if pareto
+            else f"trial {lead.number}'s params")
+    log.info("final: retraining %s and %d reference configs with seeds %s, up to %d epochs "
+             "each (trials ran %d)%s", what,
+             len(spec.references), seeds, schedule.max_epochs, schedule.trial_epochs,
+             f", stopped after {schedule.patience} without a better validation accuracy"
+             if schedule.patience else "")
 
     cache = storage.cache_dir(cfg.storage, cfg.cache_dir)
     bound = SizeBound.gigabytes(cache, cfg.cache_max_gb)
     augment = augment_module.AugmentCache.for_dataset(dataset, cache / "augment", bound,
                                                       cfg.augment_flips)
-    batch_size = int(ran_with.get("batch_size", cfg.batch_size))
     weights = _study_weights(study, cfg) if spec.feature_head else None
     features = None if weights is None else FeatureCache(
         {"train": dataset.train.x, "val": dataset.val.x, "test": dataset.test.x},
         dataset.name, weights, cache / "features", device, bound=bound)
 
-    trained = 1 + sum(reference != params for reference in spec.references.values())
-    steps = Steps(len(seeds) * trained + len(WRITE_STEPS), "final step")
+    found = list(params.values())
+    references = {f"{name} net": reference for name, reference in spec.references.items()
+                  if reference not in found}
+    # each model's first three WRITE_STEPS, then the front's report, then the upload
+    steps = Steps(len(seeds) * (len(chosen) + len(references))
+                  + (len(WRITE_STEPS) - 1) * len(chosen) + pareto + 1, "final step")
     try:
-        def train(config_params, label):
-            return retrain(spec, config_params, label, dataset, seeds=seeds, epochs=epochs,
-                           patience=patience, batch_size=batch_size, device=device,
-                           augment=augment,
+        def train(config_params, label, how: _Schedule):
+            return retrain(spec, config_params, label, dataset, seeds=seeds,
+                           epochs=how.max_epochs, patience=how.patience,
+                           batch_size=how.batch_size, device=device, augment=augment,
                            features=features, input_size=cfg.input_size, progress=steps)
 
-        results = {"best found": train(params, "best found")}
-        for name, reference in spec.references.items():
-            label = f"{name} net"
-            same = reference == params
-            results[label] = (dataclasses.replace(results["best found"], label=label) if same
-                              else train(reference, label))
-        best_result = results["best found"]
-        if not best_result.runs:
-            raise ConfigError(f"every final retrain seed of trial {best_trial.number} "
-                              f"diverged: {'; '.join(best_result.failures)}")
+        retrained = {t.number: train(params[t.number], "best found", schedules[t.number])
+                     for t in chosen}
+        trained_refs = {label: train(reference, label, schedule)
+                        for label, reference in references.items()}
+        options = registry.saved_options(spec, cfg.input_size)
+
+        def measure(result: ConfigResult) -> costs.Costs:
+            return costs.measure(spec, result.params, dataset.image_shape,
+                                 len(dataset.classes), **options)
+
+        ref_costs = {label: measure(result) for label, result in trained_refs.items()}
         directory = Path(cfg.runs_dir) / study.study_name
         # everything is written to a fresh folder beside it, then moved into place at once
         Path(cfg.runs_dir).mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{study.study_name}.partial-",
                                         dir=cfg.runs_dir))
-        options = registry.saved_options(spec, cfg.input_size)
-        # each config's costs, counted once: which may be saved, model.json, the report
-        config_costs = {label: costs.measure(spec, result.params, dataset.image_shape,
-                                             len(dataset.classes), **options)
-                        for label, result in results.items()}
-        outcome = Outcome(study, spec, dataset, staging, best_trial, results, weights=weights,
-                          options=options, config_costs=config_costs,
-                          saved=choose_saved(results, {
-                              label for label, cost in config_costs.items()
-                              if cost.over(cfg.limits()) is None}))
-        if outcome.saved != "best found":
-            log.info("the %s scored higher on validation than the best found (%.4f against "
-                     "%.4f at their best seeds): it is the saved model", outcome.saved,
-                     results[outcome.saved].best_run().val_accuracy,
-                     best_result.best_run().val_accuracy)
+        outcomes = []
         try:
-            _write_run(outcome, cfg, results[outcome.saved].params, {"trial_epochs": trial_epochs,
-                                              "max_epochs": epochs, "patience": patience},
-                       batch_size, device, opened, steps)
+            for trial in chosen:
+                found_result = retrained[trial.number]
+                if not found_result.runs:
+                    message = (f"every final retrain seed of trial {trial.number} diverged: "
+                               f"{'; '.join(found_result.failures)}")
+                    if not pareto:
+                        raise ConfigError(message)
+                    log.warning("%s; left out of the saved front", message)
+                    continue
+                # a reference net the trial drew exactly is the trial's own retrain
+                results = {"best found": found_result}
+                for name, reference in spec.references.items():
+                    label = f"{name} net"
+                    results[label] = (trained_refs[label] if label in trained_refs else
+                                      dataclasses.replace(
+                                          retrained[next(t.number for t in chosen
+                                                         if params[t.number] == reference)],
+                                          label=label))
+                config_costs = {"best found": measure(found_result), **ref_costs}
+                for label in results.keys() - config_costs.keys():
+                    config_costs[label] = measure(results[label])
+                folder = staging / front_folder(trial) if pareto else staging
+                folder.mkdir(exist_ok=True)
+                # a front model is saved as it is: it is on the front for its costs
+                eligible = {"best found"} if pareto else {
+                    label for label, cost in config_costs.items()
+                    if cost.over(cfg.limits()) is None}
+                outcome = Outcome(study, spec, dataset, folder, trial, results,
+                                  weights=weights, options=options, config_costs=config_costs,
+                                  saved=choose_saved(results, eligible))
+                if outcome.saved != "best found":
+                    log.info("the %s scored higher on validation than the best found (%.4f "
+                             "against %.4f at their best seeds): it is the saved model",
+                             outcome.saved, results[outcome.saved].best_run().val_accuracy,
+                             found_result.best_run().val_accuracy)
+                how = schedules[trial.number]
+                _write_run(outcome, cfg, results[outcome.saved].params, how.as_dict(),
+                           how.batch_size, device, opened, steps,
+                           directory / folder.relative_to(staging))
+                outcomes.append(outcome)
+            if not outcomes:
+                raise ConfigError("every final retrain seed of every front trial diverged")
+            if pareto:
+                front_report.write(outcomes, staging, cfg.objectives[1:] or ("params",))
+                steps(FRONT_STEP)
             _publish(staging, directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # gone after the move; left by a failure
-        outcome.directory = directory
-        attach(outcome, opened or study._storage, cfg)
+        for outcome in outcomes:
+            outcome.directory = directory / outcome.directory.relative_to(staging)
+        outcome = outcomes[-1]
+        if pareto:
+            outcome.front = outcomes
+            attach_front(outcomes, directory, opened or study._storage, cfg)
+        else:
+            attach(outcome, opened or study._storage, cfg)
         steps(WRITE_STEPS[3])
     finally:
         steps.close()
-    log.info("final model: %s", metrics_module.accuracy_line(outcome.test))
-    log.info("saved: %s (+ model.json, model.onnx, metrics.json, report.md)",
-             outcome.directory / "model.pt")
-    log.info("report: %s", outcome.directory / "report.html")
+    for each in outcomes:
+        log.info("final model%s: %s", f" (trial {each.best_trial.number})" if pareto else "",
+                 metrics_module.accuracy_line(each.test))
+        log.info("saved: %s (+ model.json, model.onnx, metrics.json, report.md)",
+                 each.directory / "model.pt")
+    log.info("report: %s", directory / "report.html")
     return outcome
 
 
@@ -239,12 +340,13 @@ def run_final(study: optuna.Study, cfg: RunConfig,
 WRITE_STEPS = ("model saved, reloaded into a new instance and scored on the test split",
                "ONNX exported, checked against the reloaded model and timed",
                "report written", "files attached to the study for optuna-dashboard")
+FRONT_STEP = "report of the Pareto front written"
 
 
 def _write_run(outcome: Outcome, cfg: RunConfig, params, schedule: dict, batch_size: int,
-               device: torch.device, opened, steps: Steps) -> None:
-    """The run folder's files, in outcome.directory; `schedule`: the final retrain's
-    trial_epochs, max_epochs and patience."""
+               device: torch.device, opened, steps: Steps, final_dir: Path) -> None:
+    """The run folder's files, in outcome.directory (moved to `final_dir` once all are
+    written); `schedule`: the final retrain's trial_epochs, max_epochs and patience."""
     study, dataset, weights = outcome.study, outcome.dataset, outcome.weights
     outcome.schedule = schedule
     _save_and_reload(outcome, params, schedule, batch_size, steps)
@@ -257,7 +359,7 @@ def _write_run(outcome: Outcome, cfg: RunConfig, params, schedule: dict, batch_s
     if outcome.spec.augments:
         outcome.augmentation = report_sections.gather_augmentation(study)
     write_figures(outcome)
-    outcome.command = _reproduce_command(study, cfg, schedule)
+    outcome.command = _reproduce_command(study, outcome.best_trial, cfg, schedule, final_dir)
     render.write(report_content.build(outcome), outcome.directory, f"Study {study.study_name}")
     steps(WRITE_STEPS[2])
 
@@ -407,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         study, opened = load_existing(args.storage, args.study_name)
         cfg = config_of_study(study, storage=args.storage, device=args.device,
                               data_dir=args.data_dir, final_seeds=args.final_seeds,
+                              front_models=args.front_models,
                               final_epochs=args.final_epochs,
                               final_patience=args.final_patience, runs_dir=args.runs_dir,
                               artifact_dir=args.artifact_dir)

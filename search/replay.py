@@ -47,7 +47,10 @@ class ReplayTrial(optuna.trial.FixedTrial):
         super().__init__(stored.params, number=stored.number)
         if "reference" in stored.user_attrs:  # a reference config trains as it did
             self.set_user_attr("reference", stored.user_attrs["reference"])
-        self.study = SimpleNamespace(user_attrs={}, stop=lambda: None)  # no budget here
+        # no budget here; one direction, so that the trainer asks this trial's should_prune
+        # (where it stops) whatever the study's objectives
+        self.study = SimpleNamespace(user_attrs={}, stop=lambda: None,
+                                     directions=(optuna.study.StudyDirection.MAXIMIZE,))
         self.epochs: dict[int, float] = {}
         self.stop_after = stop_after
 
@@ -162,6 +165,8 @@ def replay(study: optuna.Study, number: int, device: str = "cpu",
     value, failure = None, None
     try:
         value = Objective(spec, dataset, cfg, torch.device(cfg.device), weights, speed)(trial)
+        if isinstance(value, tuple):  # a Pareto search's: accuracy, then its costs
+            value = value[0]
     except optuna.TrialPruned as exc:  # stopped where its trial was, or diverged, or unfit
         failure = trial.user_attrs.get("failure") or (None if trial.should_prune() else str(exc))
     except TRIAL_FAILURES as exc:  # out of memory

@@ -139,7 +139,9 @@ def build(outcome) -> list[Block]:
     compare = ", ".join(
         f"{label} {results[label].summary()['test_accuracy']['mean']:.4f}"
         for label in results if label != outcome.saved and results[label].runs)
-    title = "Best found" if outcome.saved == "best found" else (
+    found = ("Best found" if len(study.directions) == 1
+             else f"Trial {best_trial.number} of the Pareto front")
+    title = found if outcome.saved == "best found" else (
         f"Saved model: the {outcome.saved}, which scored higher on validation than the best "
         f"found ({results[outcome.saved].best_run().val_accuracy:.4f} against "
         f"{results['best found'].best_run().val_accuracy:.4f} at their best seeds)"
@@ -209,7 +211,8 @@ def build(outcome) -> list[Block]:
             on_edge.append(f"{name} ({edge} end)")
         rows.append([name, _fmt(value), describe_distribution(distribution),
                      f"**{edge} end**" if edge else ""])
-    blocks.append(Text(f"Trial {best_trial.number}, validation accuracy {best_trial.value:.4f}."))
+    blocks.append(Text(f"Trial {best_trial.number}, validation accuracy "
+                       f"{best_trial.values[0]:.4f}."))
     blocks.append(Table(["parameter", "best", "range", "on boundary"], rows))
     blocks.append(Text(
         "On the boundary of its range: " + ", ".join(on_edge) + ". The optimum may lie "

@@ -16,7 +16,7 @@ def write_figures(outcome) -> None:
     figures = {
         "history": plots.optimization_history(outcome.study),
         "importances": importance_fig,
-        "slices": plots.param_slices(outcome.study),
+        "slices": plots.param_slices(outcome.study, outcome.best_trial),
         "curves": plots.training_curves(outcome.results),
         "confusion": plots.confusion(outcome.test["confusion_matrix"],
                                      list(outcome.dataset.classes)),

@@ -31,12 +31,12 @@ def optimization_history(study: optuna.Study) -> Figure | None:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     done = [t for t in trials if t.state == Complete]
     pruned = [t for t in trials if t.state == Pruned and last_value(t) is not None]
-    ax.scatter([t.number for t in done], [t.value for t in done], s=18, label="complete")
+    ax.scatter([t.number for t in done], [t.values[0] for t in done], s=18, label="complete")
     ax.scatter([t.number for t in pruned], [last_value(t) for t in pruned], s=18, marker="x",
                color="0.6", label="pruned (last epoch reached)")
     best, line = -math.inf, []
     for t in sorted(done, key=lambda t: t.number):
-        best = max(best, t.value)
+        best = max(best, t.values[0])
         line.append((t.number, best))
     if line:
         ax.step(*zip(*line, strict=True), where="post", color="C3", label="best so far")
@@ -49,10 +49,13 @@ def optimization_history(study: optuna.Study) -> Figure | None:
 
 
 def param_importances(study: optuna.Study) -> tuple[Figure | None, dict]:
-    """fANOVA importances (seeded) and their figure; ({}, None) when they cannot be computed."""
+    """fANOVA importances (seeded) for validation accuracy (a Pareto search's first
+    objective) and their figure; ({}, None) when they cannot be computed."""
+    accuracy = None if len(study.directions) == 1 else (lambda t: t.values[0])
     try:
         importances = optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
+            target=accuracy)
     except (ValueError, RuntimeError) as exc:
         log.info("no parameter importances: %s", exc)
         return None, {}
@@ -67,8 +70,9 @@ def param_importances(study: optuna.Study) -> tuple[Figure | None, dict]:
     return fig, dict(importances)
 
 
-def param_slices(study: optuna.Study) -> Figure | None:
-    """Each tuned parameter against the objective, one panel per parameter."""
+def param_slices(study: optuna.Study, marked: optuna.trial.FrozenTrial) -> Figure | None:
+    """Each tuned parameter against validation accuracy, one panel per parameter, the
+    trial `marked` (the one retrained) circled."""
     trials = study.get_trials(deepcopy=False, states=(Complete,))
     names = sorted({name for t in trials for name in t.params})
     if not trials or not names:
@@ -76,13 +80,12 @@ def param_slices(study: optuna.Study) -> Figure | None:
     columns = min(3, len(names))
     rows = math.ceil(len(names) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
-    best = study.best_trial
     rng = np.random.default_rng(0)
     for ax, name in zip(axes.flat, names, strict=False):
         have = [t for t in trials if name in t.params]
         distribution = have[0].distributions[name]
         values = [t.params[name] for t in have]
-        scores = [t.value for t in have]
+        scores = [t.values[0] for t in have]
         if isinstance(distribution, optuna.distributions.CategoricalDistribution):
             choices = list(distribution.choices)
             x = [choices.index(v) + rng.uniform(-0.15, 0.15) for v in values]
@@ -100,14 +103,14 @@ def param_slices(study: optuna.Study) -> Figure | None:
                 ax.set_xlim(low - pad, high + pad)
         ax.scatter(x, scores, s=14, alpha=0.8)
         for trial, trial_x in zip(have, x, strict=True):
-            if trial.number == best.number:
-                ax.scatter([trial_x], [trial.value], s=60, facecolors="none", edgecolors="C3")
+            if trial.number == marked.number:
+                ax.scatter([trial_x], [trial.values[0]], s=60, facecolors="none", edgecolors="C3")
         ax.set_title(name, fontsize=9)
         ax.set_ylabel("val accuracy", fontsize=8)
     for ax in list(axes.flat)[len(names):]:
         ax.set_visible(False)
-    fig.suptitle("Each tuned parameter against the objective (x axis: its whole range; "
-                 "red circle: best trial)", fontsize=10)
+    fig.suptitle("Each tuned parameter against validation accuracy (x axis: its whole "
+                 f"range; red circle: trial {marked.number}, retrained)", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -171,5 +174,46 @@ def image_grid(rows: list[tuple[str, np.ndarray]], title: str) -> Figure:
             ax.set_yticks([])
         row[0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def pareto_front(study: optuna.Study, index: int, cost_label: str,
+                 points: list[dict]) -> Figure:
+    """A Pareto search on two panels with the same cost axis (log scale; the study's
+    objective `index`, a cost): left, the
+    validation accuracy of every completed trial, the front drawn as a step line and the
+    retrained trials circled; right, the test accuracy of the retrained models and of
+    `points` given (each {"label", "cost", "mean", "std", "kind"}: "front", "reference" or
+    "other study"), the mean over seeds with its standard deviation as an error bar."""
+    done = study.get_trials(deepcopy=False, states=(Complete,))
+    front = sorted(study.best_trials, key=lambda t: t.values[index])
+    fig, (search_ax, test_ax) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    search_ax.scatter([t.values[index] for t in done], [t.values[0] for t in done], s=14,
+                      color="0.6", label="complete trials")
+    search_ax.step([t.values[index] for t in front], [t.values[0] for t in front],
+                   where="post", color="C3", label="Pareto front")
+    retrained = [p for p in points if p["kind"] == "front"]
+    by_number = {t.number: t for t in done}
+    shown = [by_number[p["trial"]] for p in retrained if p.get("trial") in by_number]
+    search_ax.scatter([t.values[index] for t in shown], [t.values[0] for t in shown], s=70,
+                      facecolors="none", edgecolors="C3", label="retrained")
+    search_ax.set(xscale="log", xlabel=cost_label, ylabel="validation accuracy",
+                  title="Search: every completed trial")
+    search_ax.legend(fontsize=8, loc="lower right")
+    styles = {"front": ("o", "C3"), "reference": ("s", "C0"), "other study": ("^", "C2")}
+    for kind, (marker, color) in styles.items():
+        these = [p for p in points if p["kind"] == kind and p["cost"]]
+        if not these:
+            continue
+        test_ax.errorbar([p["cost"] for p in these], [p["mean"] for p in these],
+                         yerr=[p["std"] for p in these], fmt=marker, color=color, capsize=3,
+                         label=kind)
+        for p in these:
+            test_ax.annotate(p["label"], (p["cost"], p["mean"]), textcoords="offset points",
+                             xytext=(4, -10), fontsize=7)
+    test_ax.set(xscale="log", xlabel=cost_label, ylabel="test accuracy (mean ± sd over seeds)",
+                title="Final: retrained models on the test split")
+    test_ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig

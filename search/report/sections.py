@@ -32,7 +32,7 @@ def gather_other_studies(study: optuna.Study, storage) -> list[dict]:
         rows.append({"study_name": summary.study_name, "study": attrs.get("study", "?"),
                      "test_accuracy": final.get("test_accuracy"),
                      "macro_f1": final.get("macro_f1"),
-                     "n_parameters": final.get("n_parameters")})
+                     "n_parameters": final.get("n_parameters"), "macs": final.get("macs")})
     return sorted(rows, key=lambda r: -(r["test_accuracy"] or 0.0))
 
 
