@@ -150,7 +150,7 @@ def _widths_changed(folder: Path) -> None:
 
 NUMERIC = ("--n-trials", "--max-trials", "--timeout", "--epochs", "--batch-size", "--seed",
            "--workers", "--workers-per-device", "--final-seeds", "--final-epochs",
-           "--final-patience", "--input-size", "--max-params", "--max-flops")
+           "--final-patience", "--input-size", "--max-params", "--max-flops", "--front-models")
 
 
 IMAGES = ["--study", "cnn", "--n-trials", "1", "--epochs", "1", "--data", "imgs"]
@@ -213,6 +213,11 @@ ROWS = [
     Row("unknown data", [*RUN, "--data", "cifar"], "unknown data set 'cifar'"),
     Row("unknown sampler", [*RUN, "--sampler", "cmaes"], "invalid choice: 'cmaes'"),
     Row("unknown pruner", [*RUN, "--pruner", "asha"], "invalid choice: 'asha'"),
+    *[Row(f"objectives {o!r}", [*RUN, "--objectives", o], "give accuracy, then any of")
+      for o in ("params", "accuracy,size", "accuracy,params,params", "", "params,accuracy")],
+    Row("pareto search with a one-objective pruner",
+        [*RUN, "--objectives", "accuracy,flops", "--pruner", "median"],
+        "--pruner median ranks one objective"),
     Row("unknown references mode", [*RUN, "--references", "some"], "invalid choice: 'some'"),
     Row("workers and workers per device", [*RUN, "--workers", "2", "--workers-per-device", "2"],
         "not both"),
@@ -273,8 +278,10 @@ ROWS = [
         lambda root: _study_db(root, study="cnn")),
     Row("study of another space", RUN, "space_version 'mlp-v0'",
         lambda root: _study_db(root, space_version="mlp-v0")),
-    Row("study that minimizes", RUN, "minimizes",
+    Row("study that minimizes", RUN, "exists with directions minimize; this run needs maximize",
         lambda root: _study_db(root, direction="minimize")),
+    Row("study of one objective, run with two", [*RUN, "--objectives", "accuracy,params"],
+        "exists with directions maximize; this run needs maximize, minimize", _study_db),
     Row("study on other data", RUN, "was made on digits (n_train=999)",
         lambda root: _study_db(root, data={"dataset": "digits", "n_train": 999,
                                            "n_val": 288, "split_seed": 20240})),
