@@ -25,6 +25,10 @@ SAMPLERS = {
                         "(slower per trial as the study grows)",
     "random": "independent uniform draws",
     "qmc": "a scrambled Sobol sequence (quasi-random, evenly spread)",
+    "nsga2": "Optuna's NSGA-II: a genetic algorithm over generations of 50 trials, made for "
+             "several objectives (--objectives)",
+    "gp": "Optuna's Gaussian-process sampler over the parameters every trial has (the others "
+          "drawn at random), after 8 random trials",
 }
 PRUNERS = {
     "sha": "asynchronous successive halving: after 1, 3, 9, ... epochs a trial goes on only "

@@ -43,7 +43,8 @@ def make_sampler(name: str, seed: int, constrained: bool = False) -> optuna.samp
     """Raises ConfigError on an unknown sampler name. `constrained` (deployment limits): on
     an Optuna without Trial.set_constraint, TPE is given search.costs.constraint_values (with
     it, TPE reads the values each trial sets); either way TPE ranks a config over a limit
-    below every one within them. Random and QMC draw as before (an infeasible draw is still
+    below every one within them, and NSGA-II and GP take them the same way. Random and QMC
+    draw as before (an infeasible draw is still
     never trained)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -59,6 +60,18 @@ def make_sampler(name: str, seed: int, constrained: bool = False) -> optuna.samp
                 constraints_func=costs.constraint_values
                 if constrained and not costs.PER_TRIAL_CONSTRAINTS else None,
             ), seed)
+        # TPE's way of taking deployment limits, for the other model-based samplers
+        limits = (costs.constraint_values if constrained and not costs.PER_TRIAL_CONSTRAINTS
+                  else None)
+        if name == "nsga2":
+            return TrialSeeded(optuna.samplers.NSGAIISampler(seed=seed,
+                                                             constraints_func=limits), seed)
+        if name == "gp":
+            # the spaces are conditional: params outside the ones every trial has are drawn
+            # by its independent (random) sampler, which it would warn of at every trial
+            return TrialSeeded(optuna.samplers.GPSampler(
+                seed=seed, n_startup_trials=TPE_STARTUP_TRIALS, constraints_func=limits,
+                warn_independent_sampling=False), seed)
         if name == "random":
             return TrialSeeded(optuna.samplers.RandomSampler(seed=seed), seed)
         if name == "qmc":  # indexes one scrambled sequence by trial number already
@@ -99,7 +112,8 @@ class TrialSeeded(optuna.samplers.BaseSampler):
 
     def before_trial(self, study, trial) -> None:
         state = trial_seed(self.seed, trial.number)
-        for holder in (self.inner, getattr(self.inner, "_random_sampler", None)):
+        for holder in (self.inner, getattr(self.inner, "_random_sampler", None),
+                       getattr(self.inner, "_independent_sampler", None)):
             rng = getattr(holder, "_rng", None)
             if rng is not None:
                 rng.rng.seed(state)

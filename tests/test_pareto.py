@@ -15,7 +15,7 @@ from search.final import front_folder, front_trials, run_final
 from search.objective import TrialRecorder
 from search.replay import replay
 from search.run import search
-from search.study import CostPeerHalving, make_pruner
+from search.study import CostPeerHalving, make_pruner, make_sampler
 
 State = optuna.trial.TrialState
 
@@ -33,6 +33,25 @@ def test_objectives_are_accuracy_then_known_costs_once():
         RunConfig(study="mlp", objectives="accuracy,params", pruner="hyperband")
     assert isinstance(make_pruner("sha", 9, ("params",)), CostPeerHalving)
     assert not isinstance(make_pruner("sha", 9), CostPeerHalving)
+
+
+@pytest.mark.parametrize("name", ["nsga2", "gp", "tpe"])
+def test_each_sampler_for_several_objectives_repeats_its_draws_from_the_seed(name):
+    """Seeded per trial number, as every sampler of the service: the same study seed gives
+    the same trials, a pair of objectives at a time."""
+    def objective(trial: optuna.Trial):
+        x = trial.suggest_float("x", 0.0, 1.0)
+        width = trial.suggest_int("width", 8, 512, log=True)
+        return 1.0 - (x - 0.3) ** 2, width
+
+    def drawn(seed: int) -> list[dict]:
+        study = optuna.create_study(directions=["maximize", "minimize"],
+                                    sampler=make_sampler(name, seed))
+        study.optimize(objective, n_trials=14)  # past the 8 random trials of TPE and GP
+        return [t.params for t in study.trials]
+
+    assert drawn(3) == drawn(3)
+    assert drawn(3) != drawn(4)
 
 
 def _peer(params: int, at: dict[int, float]) -> optuna.trial.FrozenTrial:
