@@ -323,6 +323,8 @@ ROWS = [
         "--final-epochs", cli="final", setup=_study_db),
     Row("final: patience", ["--study-name", "mlp-digits", "--final-patience", "-1"],
         "--final-patience", cli="final", setup=_study_db),
+    Row("final: front models", ["--study-name", "mlp-digits", "--front-models", "0"],
+        "--front-models", cli="final", setup=_study_db),
     Row("final: no trials", ["--study-name", "mlp-digits"], "no completed trial", cli="final",
         setup=_study_db),
     Row("final: older space", ["--study-name", "mlp-digits"], "searched in space mlp-v0",
