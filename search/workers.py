@@ -193,8 +193,24 @@ def _pull_trials(study: optuna.Study, objective, cfg: RunConfig, target: int) ->
 
     left = None if objective.deadline is None else objective.deadline - time.time()
     if budget.budget_used(study) < target and (left is None or left > 0):
-        study.optimize(objective, n_trials=cfg.n_trials, timeout=left,
-                       callbacks=[budget.StopAtBudget(target)], catch=TRIAL_FAILURES)
+        stops = [budget.StopAtBudget(target)]
+        if objective.deadline is not None:
+            stops.append(_StopAtDeadline(objective.deadline))
+        study.optimize(objective, n_trials=cfg.n_trials, timeout=left, callbacks=stops,
+                       catch=TRIAL_FAILURES)
+
+
+class _StopAtDeadline:
+    """A study.optimize callback: no trial after `deadline` (time.time()). Optuna's own
+    timeout counts from its start, a moment after `left` above was taken, so without it a
+    trial stopped at the deadline could be followed by one more, stopped at once."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if time.time() >= self.deadline:
+            study.stop()
 
 
 def fail_and_retry(study: optuna.Study, pid: int, retry: bool = True) -> list[int]:

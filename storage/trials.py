@@ -131,7 +131,8 @@ def write_trial(trial, user_attrs: dict | None = None,
         for key, value in user_attrs.items():
             trial.set_user_attr(key, value)
         for step, value in sorted(reports.items()):
-            if len(trial.study.directions) == 1:
+            study = getattr(trial, "study", None)  # a FixedTrial has none
+            if study is None or len(study.directions) == 1:
                 trial.report(value, step)
             else:  # Trial.report refuses several objectives; the storage takes the value
                 store.set_trial_intermediate_value(trial_id, step, value)

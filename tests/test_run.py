@@ -418,16 +418,22 @@ def test_the_search_ends_at_its_timeout_and_running_trials_stop_there(tmp_path, 
     assert _search_seconds(result.stderr) <= timeout + 10
     study = optuna.load_study(study_name="mlp-digits", storage=f"sqlite:///{db}")
     trials = study.get_trials()
-    assert len(trials) <= int(workers)  # no trial started after the deadline
+    # a trial drawn with a diverging learning rate ends on its own, before the deadline;
+    # the others run until it, at most one per worker: none started after it
+    stopped = [t for t in trials if "stopped" in t.user_attrs]
+    assert len(stopped) <= int(workers), [t.user_attrs for t in trials]
     if workers == "1":
         assert trials  # this process's first trial starts at once
     for trial in trials:
         assert trial.state == optuna.trial.TrialState.PRUNED
+        if trial not in stopped:
+            assert "nan" in trial.user_attrs["failure"], trial.user_attrs
+            continue
         assert "--timeout reached" in trial.user_attrs["stopped"]
         if trial.intermediate_values:  # its value is its last score
             assert trial.value == trial.intermediate_values[max(trial.intermediate_values)]
     assert ("stopped at the deadline, pruned at their last score" in result.stderr) == bool(
-        trials)
+        stopped)
 
 
 def test_a_deadline_stops_training_within_its_first_batch(digits):
