@@ -102,6 +102,11 @@ class TrialSeeded(optuna.samplers.BaseSampler):
         self._columns: dict[int, tpe_speedups.ParamColumns] = {}  # by study id
 
     def _view(self, study, trial):
+        if len(study.directions) > 1:
+            return PrunedWithoutScores(self._once(study, trial))
+        return self._once(study, trial)
+
+    def _once(self, study, trial):
         if not tpe_speedups.applied("trials_once"):
             return study
         view = self._views.get(trial.number)
@@ -135,6 +140,36 @@ class TrialSeeded(optuna.samplers.BaseSampler):
 
     def reseed_rng(self) -> None:
         self.inner.reseed_rng()
+
+
+class PrunedWithoutScores:
+    """A study of several objectives as its sampler is shown it: the pruned trials without
+    their validation scores by epoch, as Optuna itself would hold them (Trial.report refuses
+    several objectives). This service stores them, for CostPeerHalving and the dashboard's
+    curves, but TPE ranks pruned trials by their last score in the study's one direction,
+    which a study of several has not (Study.direction raises); without scores it ranks them
+    all alike, below the complete ones, as for any Optuna study of several objectives."""
+
+    def __init__(self, study) -> None:
+        self._study = study
+
+    def __getattr__(self, name: str):
+        return getattr(self._study, name)
+
+    @staticmethod
+    def _bare(trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+        if trial.state != optuna.trial.TrialState.PRUNED or not trial.intermediate_values:
+            return trial
+        bare = copy.copy(trial)
+        bare.intermediate_values = {}
+        return bare
+
+    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False):
+        return [self._bare(t) for t in self._study._get_trials(
+            deepcopy=deepcopy, states=states, use_cache=use_cache)]
+
+    def get_trials(self, deepcopy: bool = True, states=None):
+        return [self._bare(t) for t in self._study.get_trials(deepcopy=deepcopy, states=states)]
 
 
 REDUCTION_FACTOR = 3  # successive halving and Hyperband keep the best third at each rung

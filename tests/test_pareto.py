@@ -54,6 +54,26 @@ def test_each_sampler_for_several_objectives_repeats_its_draws_from_the_seed(nam
     assert drawn(3) != drawn(4)
 
 
+@pytest.mark.parametrize("name", ["tpe", "tpe-multivariate", "nsga2", "gp"])
+def test_the_samplers_propose_past_pruned_trials_that_kept_their_scores(name):
+    """Optuna holds no scores by epoch of a pruned trial of several objectives, and TPE
+    ranks pruned trials by them with the study's one direction (which raises there); the
+    service stores them, so its samplers are shown the pruned trials without them."""
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=make_sampler(name, 0))
+    for i in range(12):
+        values = [0.5 + i / 100, 1_000 + i]
+        study.add_trial(optuna.trial.create_trial(
+            state=State.COMPLETE if i % 3 == 0 else State.PRUNED,
+            values=values if i % 3 == 0 else None, intermediate_values={1: 0.4 + i / 100},
+            params={"x": i / 12}, distributions={
+                "x": optuna.distributions.FloatDistribution(0.0, 1.0)}))
+    study.optimize(lambda trial: (trial.suggest_float("x", 0.0, 1.0), 10.0), n_trials=3)
+    assert [t.state for t in study.trials[-3:]] == [State.COMPLETE] * 3
+    # the study itself still holds every score
+    assert all(t.intermediate_values for t in study.trials[:12])
+
+
 def _peer(params: int, at: dict[int, float]) -> optuna.trial.FrozenTrial:
     return optuna.trial.create_trial(
         state=State.PRUNED, intermediate_values=at,
