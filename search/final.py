@@ -147,23 +147,30 @@ def _reproduce_command(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg
 
 def front_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
     """Up to `k` Pareto-optimal completed trials of a study of accuracy against costs,
-    spread along its front, ordered from the cheapest to the most accurate: the cheapest
-    (on its costs in order) and the most accurate always, between them those whose first
-    cost lies nearest to evenly spaced points on a log scale."""
-    front = sorted(study.best_trials, key=lambda t: (tuple(t.values[1:]), -t.values[0]))
+    spread along its front, ordered from the cheapest to the most accurate: the most
+    accurate always, the cheapest (on its costs in order) when k > 1, between them those
+    whose first cost lies nearest to evenly spaced points on a log scale."""
+    def cheapest_first(t: optuna.trial.FrozenTrial) -> tuple:
+        return tuple(t.values[1:]), -t.values[0]
+
+    def log_cost(t: optuna.trial.FrozenTrial) -> float:
+        return math.log(max(t.values[1], 1.0))
+
+    front = sorted(study.best_trials, key=cheapest_first)
     if len(front) <= k:
         return front
-    cheapest, top = front[0], max(front, key=lambda t: (t.values[0], [-v for v in t.values[1:]]))
+    top = max(front, key=lambda t: (t.values[0], [-v for v in t.values[1:]]))
+    if k == 1:
+        return [top]
+    cheapest = front[0]  # not the top: a front of two or more trades accuracy for cost
     chosen = {cheapest.number: cheapest, top.number: top}
-    low, high = (math.log(max(t.values[1], 1.0)) for t in (cheapest, top))
+    low, high = log_cost(cheapest), log_cost(top)
     for j in range(1, k - 1):
         aim = low + (high - low) * j / (k - 1)
-        left = [t for t in front if t.number not in chosen]
-        if not left or len(chosen) >= k:
-            break
-        pick = min(left, key=lambda t: abs(math.log(max(t.values[1], 1.0)) - aim))
+        pick = min((t for t in front if t.number not in chosen),
+                   key=lambda t: abs(log_cost(t) - aim))
         chosen[pick.number] = pick
-    return sorted(chosen.values(), key=lambda t: (tuple(t.values[1:]), -t.values[0]))
+    return sorted(chosen.values(), key=cheapest_first)
 
 
 def front_folder(trial: optuna.trial.FrozenTrial) -> str:
@@ -311,7 +318,7 @@ def run_final(study: optuna.Study, cfg: RunConfig,
             if not outcomes:
                 raise ConfigError("every final retrain seed of every front trial diverged")
             if pareto:
-                front_report.write(outcomes, staging, cfg.objectives[1:] or ("params",))
+                front_report.write(outcomes, staging, cfg.objectives[1:])
                 steps(FRONT_STEP)
             _publish(staging, directory)
         finally:

@@ -157,6 +157,7 @@ def test_front_models_are_spread_from_the_cheapest_to_the_most_accurate():
     # between 100 and 100,000 on a log scale the middle is 3,162: the 3,000 one
     assert picked == [(0.50, 100), (0.80, 3_000), (0.90, 100_000)]
     assert [tuple(t.values) for t in front_trials(study, 2)] == [(0.50, 100), (0.90, 100_000)]
+    assert [tuple(t.values) for t in front_trials(study, 1)] == [(0.90, 100_000)]
     assert len(front_trials(study, 10)) == len(front)
     assert front_folder(study.trials[2]) == "trial-2"
 
