@@ -299,6 +299,11 @@ class _KeepingMarks:
         return getattr(self._inner, name)
 
 
+def metric_names(objectives: tuple[str, ...]) -> list[str]:
+    """The study's names of --objectives, optuna-dashboard's labels of its axes."""
+    return [ACCURACY_METRIC] + [COST_OBJECTIVES[name] for name in objectives[1:]]
+
+
 def open_study(cfg: RunConfig, spec: StudySpec, dataset: Dataset,
                storage: optuna.storages.BaseStorage, study_name: str,
                weights=None) -> optuna.Study:
@@ -321,6 +326,13 @@ def open_study(cfg: RunConfig, spec: StudySpec, dataset: Dataset,
         raise ConfigError(f"study {study_name!r} exists with directions {', '.join(made)}; "
                           f"this run needs {', '.join(directions)} (--objectives "
                           f"{','.join(cfg.objectives)}); pick another --study-name")
+    metrics = metric_names(cfg.objectives)
+    if not created and study.metric_names is not None and study.metric_names != metrics:
+        # the same directions, other costs: accuracy,params resumed as accuracy,flops
+        raise ConfigError(f"study {study_name!r} exists with objectives "
+                          f"{', '.join(study.metric_names)}; this run needs "
+                          f"{', '.join(metrics)} (--objectives {','.join(cfg.objectives)}); "
+                          "pick another --study-name")
     attrs = study.user_attrs
     if not created and "space_version" not in attrs:
         # only the machine that created the study initializes it (and enqueues the reference
@@ -412,8 +424,7 @@ def _initialize(study: optuna.Study, cfg: RunConfig, spec: StudySpec, dataset: D
     with warnings.catch_warnings():  # experimental in Optuna; only a label
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         # optuna-dashboard labels its plots with this instead of "Objective 0"
-        study.set_metric_names([ACCURACY_METRIC] + [COST_OBJECTIVES[name]
-                                                    for name in cfg.objectives[1:]])
+        study.set_metric_names(metric_names(cfg.objectives))
     # last: its presence marks the study as initialized
     study.set_user_attr("space_version", spec.space_version)
     if cfg.references == "skip":

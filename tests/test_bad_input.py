@@ -64,10 +64,15 @@ def snapshot(root: Path) -> dict[str, str]:
 
 # --- what a row's setup writes before the bad run --------------------------------------------
 
-def _study_db(root: Path, *, name="mlp-digits", direction="maximize", **attrs) -> None:
-    """studies.db holding one study made by this service with `attrs` changed."""
+def _study_db(root: Path, *, name="mlp-digits", direction="maximize", metrics=None,
+              **attrs) -> None:
+    """studies.db holding one study made by this service with `attrs` changed; `direction`
+    one or a list, `metrics` the names of its objectives."""
     opened = storage.open(f"sqlite:///{root / 'studies.db'}")
-    study = optuna.create_study(storage=opened, study_name=name, direction=direction)
+    study = optuna.create_study(storage=opened, study_name=name, directions=(
+        [direction] if isinstance(direction, str) else direction))
+    if metrics is not None:
+        study.set_metric_names(metrics)
     made = {"study": "mlp", "space_version": mlp_space.VERSION,
             "data": {"dataset": "digits", "n_train": 1149, "n_val": 288, "split_seed": 20240}}
     for key, value in {**made, **attrs}.items():
@@ -282,6 +287,11 @@ ROWS = [
         lambda root: _study_db(root, direction="minimize")),
     Row("study of one objective, run with two", [*RUN, "--objectives", "accuracy,params"],
         "exists with directions maximize; this run needs maximize, minimize", _study_db),
+    Row("study of accuracy against parameters, run against multiply-adds",
+        [*RUN, "--objectives", "accuracy,flops"], "exists with objectives validation accuracy, "
+        "parameters; this run needs validation accuracy, multiply-adds per image",
+        lambda root: _study_db(root, direction=["maximize", "minimize"],
+                               metrics=["validation accuracy", "parameters"])),
     Row("study on other data", RUN, "was made on digits (n_train=999)",
         lambda root: _study_db(root, data={"dataset": "digits", "n_train": 999,
                                            "n_val": 288, "split_seed": 20240})),
