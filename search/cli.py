@@ -113,6 +113,9 @@ def add_final_options(group) -> None:
     group.add_argument("--front-models", type=int, default=3, metavar="K",
                        help="with --objectives: how many Pareto-optimal trials the final step "
                        "retrains and saves, spread from the cheapest to the most accurate")
+    group.add_argument("--front-floor", type=float, metavar="ACC",
+                       help="with --objectives: the front models retrained score above ACC "
+                       "validation accuracy (default: above chance, 1 / number of classes)")
     group.add_argument("--runs-dir", default="runs", metavar="DIR",
                        help="the final model and report go to DIR/<study-name>/")
 

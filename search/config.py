@@ -47,7 +47,8 @@ REFERENCE_MODES = {
 
 # --objectives: validation accuracy first (maximized), then any of these costs (minimized),
 # each the name of its metric in the study (optuna-dashboard's axis labels)
-COST_OBJECTIVES = {"params": "parameters", "flops": "multiply-adds per image"}
+COST_OBJECTIVES = {"params": "parameters", "flops": "multiply-adds per image",
+                   "latency": "milliseconds per image"}
 ACCURACY_METRIC = "validation accuracy"
 # pruners of a study with several objectives: "sha" there halves among cost peers
 PARETO_PRUNERS = ("sha", "none")
@@ -59,6 +60,7 @@ TRIAL_SETTINGS = ("epochs", "batch_size", "sampler", "pruner", "seed")
 MAX_TRIALS = 100_000
 MAX_EPOCHS = 10_000
 MAX_LIMIT = 10**11  # --max-params, --max-flops: far above VGG16's 138M and 15.5G
+MAX_LATENCY_MS = 60_000.0  # --max-latency-ms: a minute per image
 MAX_BATCH_SIZE = 65_536
 MAX_WORKERS = 256
 MAX_FINAL_SEEDS = 100
@@ -135,6 +137,8 @@ class RunConfig:
     final_seeds: int = 3
     # a Pareto search's final step retrains this many front models, cheapest to most accurate
     front_models: int = 3
+    # ... each above this validation accuracy; None: above chance (1 / number of classes)
+    front_floor: float | None = None
     # the most epochs of each final retrain; None: FINAL_EPOCH_FACTOR x the best trial's
     final_epochs: int | None = None
     # stop a final retrain after this many epochs without a better validation accuracy;
@@ -155,6 +159,7 @@ class RunConfig:
     # deployment limits (search.costs.LIMITS): a config over one is never trained
     max_params: int | None = None
     max_flops: int | None = None  # multiply-adds per image
+    max_latency_ms: float | None = None  # per image at batch 1, on the trial's device
     # what the search optimizes: ("accuracy",), or accuracy and COST_OBJECTIVES (a Pareto
     # search, one direction per objective)
     objectives: tuple[str, ...] = ("accuracy",)
@@ -163,9 +168,18 @@ class RunConfig:
         for flag, value, top in _BOUNDS(self):
             if value is not None and not 1 <= value <= top:
                 raise ConfigError(f"{flag} must be between 1 and {top:,}, got {value:,}")
+        if self.max_latency_ms is not None and not (
+                isinstance(self.max_latency_ms, int | float)
+                and 0 < self.max_latency_ms <= MAX_LATENCY_MS):
+            raise ConfigError(f"--max-latency-ms must be milliseconds above 0 and at most "
+                              f"{MAX_LATENCY_MS:,.0f}, got {self.max_latency_ms}")
         if self.final_patience is not None and not 0 <= self.final_patience <= MAX_EPOCHS:
             raise ConfigError(f"--final-patience must be between 0 (never stop early) and "
                               f"{MAX_EPOCHS:,}, got {self.final_patience:,}")
+        if self.front_floor is not None and not (
+                isinstance(self.front_floor, int | float) and 0 <= self.front_floor < 1):
+            raise ConfigError(f"--front-floor must be a validation accuracy from 0 up to "
+                              f"(not including) 1, e.g. 0.9, got {self.front_floor}")
         if self.timeout is not None and not 0 < self.timeout <= MAX_TIMEOUT_S:
             raise ConfigError(f"--timeout must be seconds between 0 and {MAX_TIMEOUT_S:,} "
                               f"(30 days), got {self.timeout}")
@@ -219,9 +233,15 @@ class RunConfig:
         return ImageOptions(self.image_size, self.channels, self.test_fraction,
                             self.skip_bad_images)
 
-    def limits(self) -> dict[str, int | None]:
+    def limits(self) -> dict[str, float | None]:
         """The deployment limits, by search.costs.LIMITS key (None: no limit)."""
-        return {"max_params": self.max_params, "max_flops": self.max_flops}
+        return {"max_params": self.max_params, "max_flops": self.max_flops,
+                "max_latency_ms": self.max_latency_ms}
+
+    @property
+    def timed(self) -> bool:
+        """Whether each trial's latency is measured: an objective or a limit needs it."""
+        return "latency" in self.objectives or self.max_latency_ms is not None
 
     @property
     def constrained(self) -> bool:

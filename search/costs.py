@@ -1,18 +1,23 @@
 """What a configuration costs to deploy, known before it trains: parameters, multiply-adds per
 image and the bytes of its weights, for the whole model that would be saved (a frozen
-backbone included).
+backbone included), and, where a search asks for it, its latency.
 
 The model is built by the study's own builder on PyTorch's meta device, which gives every
 tensor its shape and dtype but no memory and no arithmetic, and one image is passed through
 it with hooks on the layers that do the work. So the counts are exact, deterministic and
 the same on every machine, and a VGG16 costs no more to count than a small CNN.
+
+Latency is a measurement, not a count: the model is built for real (random weights: the time
+of a forward pass does not depend on their values) on the trial's device and timed at batch
+1, the median of repeated runs. It says where it was measured, and varies with the machine
+and with what else runs on it.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import optuna
@@ -24,13 +29,13 @@ from search.registry import StudySpec
 
 # flag of search.run -> the Costs field it bounds; FLOPs are counted as multiply-adds, as
 # torchvision's model tables and most papers count them
-LIMITS = {"max_params": "params", "max_flops": "macs"}
+LIMITS = {"max_params": "params", "max_flops": "macs", "max_latency_ms": "latency_ms"}
 # a trial's user attribute under deployment limits: how far over each it is (> 0: over).
 # The sampler learns them through Trial.set_constraint (Optuna 5, every sampler reads them),
 # or on older Optuna through TPE's constraints_func (constraint_values), deprecated in 5.0
 CONSTRAINTS_ATTR = "constraints"
 # --objectives cost name (search.config.COST_OBJECTIVES) -> the Costs field it minimizes
-OBJECTIVE_FIELDS = {"params": "params", "flops": "macs"}
+OBJECTIVE_FIELDS = {"params": "params", "flops": "macs", "latency": "latency_ms"}
 PER_TRIAL_CONSTRAINTS = hasattr(optuna.trial.Trial, "set_constraint")
 
 
@@ -40,20 +45,32 @@ class Costs:
     trainable: int  # the parameters a trial trains
     macs: int  # multiply-adds of one image through the convolution and linear layers
     weight_bytes: int  # parameters and buffers of its state_dict, as saved
+    # milliseconds per image at batch 1 and where they were measured (Latency.where); None
+    # unless the search asked for latency (--objectives ...,latency or --max-latency-ms)
+    latency_ms: float | None = None
+    latency_on: str | None = None
 
     def as_attrs(self) -> dict:
-        return asdict(self)
+        return {key: value for key, value in asdict(self).items() if value is not None}
 
     def describe(self) -> str:
         trained = "" if self.trainable == self.params else f" ({self.trainable:,} trained)"
+        timed = "" if self.latency_ms is None else (
+            f", {self.latency_ms:.3g} ms per image at batch 1 ({self.latency_on})")
         return (f"{self.params:,} parameters{trained}, {_short(self.macs)} multiply-adds per "
-                f"image, {self.weight_bytes / 1e6:.3g} MB of weights")
+                f"image, {self.weight_bytes / 1e6:.3g} MB of weights{timed}")
 
-    def objective_values(self, objectives: tuple[str, ...]) -> tuple[int, ...]:
+    def with_latency(self, latency: Latency) -> Costs:
+        return replace(self, latency_ms=latency.ms_per_image, latency_on=latency.where)
+
+    def objective_values(self, objectives: tuple[str, ...]) -> tuple[float, ...]:
         """The values of the cost objectives `objectives` (OBJECTIVE_FIELDS keys)."""
-        return tuple(getattr(self, OBJECTIVE_FIELDS[name]) for name in objectives)
+        values = tuple(getattr(self, OBJECTIVE_FIELDS[name]) for name in objectives)
+        if None in values:
+            raise ValueError(f"latency was not measured for objectives {objectives}")
+        return values
 
-    def tell(self, trial: optuna.Trial, limits: dict[str, int | None]) -> list[float]:
+    def tell(self, trial: optuna.Trial, limits: dict[str, float | None]) -> list[float]:
         """Give `trial` its constraint values (violations) where Optuna takes them per trial,
         named by the limit; returns them."""
         values = self.violations(limits)
@@ -63,19 +80,22 @@ class Costs:
                 trial.set_constraint(name, value)
         return values
 
-    def violations(self, limits: dict[str, int | None]) -> list[float]:
+    def violations(self, limits: dict[str, float | None]) -> list[float]:
         """For each limit given (a LIMITS key -> the most allowed, None: no limit), how far
         over it this is, as a fraction of the limit: > 0 violates it, <= 0 is within it (what
         Optuna's constraints_func returns)."""
         return [getattr(self, LIMITS[name]) / limit - 1.0
                 for name, limit in limits.items() if limit is not None]
 
-    def over(self, limits: dict[str, int | None]) -> str | None:
+    def over(self, limits: dict[str, float | None]) -> str | None:
         """Which limit this breaks, in words, or None."""
         for name, limit in limits.items():
             value = getattr(self, LIMITS[name])
             if limit is not None and value > limit:
                 flag = "--" + name.replace("_", "-")
+                if name == "max_latency_ms":
+                    return (f"{value:.3g} ms per image over {flag} {limit:g} (measured on "
+                            f"{self.latency_on})")
                 return f"{value:,} {LIMITS[name]} over {flag} {limit:,}"
         return None
 
@@ -126,6 +146,66 @@ def measure(spec: StudySpec, params, image_shape, n_classes: int, **options) -> 
         macs=_macs(model, image_shape),
         weight_bytes=sum(t.numel() * t.element_size() for t in state.values()),
     )
+
+
+@dataclass(frozen=True)
+class Latency:
+    ms_per_image: float  # batch 1: the median of the timed runs
+    where: str  # the device (CPU model and threads, or GPU name)
+    runs: int
+
+
+# a trial's latency at batch 1: warm-up runs, then at least, at most this many timed runs,
+# stopping once LATENCY_TRIAL_SECONDS have passed after the least
+LATENCY_WARMUP = 2
+LATENCY_TRIAL_RUNS = (5, 50)
+LATENCY_TRIAL_SECONDS = 0.5
+
+
+def device_name(device: torch.device) -> str:
+    """Where a latency was measured, in words."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, PyTorch {torch.__version__}"
+    if device.type == "cpu":
+        threads = torch.get_num_threads()
+        return (f"{cpu_name()}, {threads} thread{'' if threads == 1 else 's'}, PyTorch "
+                f"{torch.__version__}")
+    return f"{device}, PyTorch {torch.__version__}"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def measure_latency(spec: StudySpec, params, image_shape, n_classes: int, device,
+                    **options) -> Latency:
+    """Milliseconds per image of `spec.build(params, ...)` at batch 1 on `device`, in PyTorch
+    (eval mode, no autograd): the median of repeated runs after a warm-up. The model gets
+    random weights, drawn without touching the caller's random state."""
+    device = torch.device(device)
+    channels = int(image_shape[0])
+    with torch.random.fork_rng(devices=[]):
+        model = spec.build(params, image_shape, n_classes, (0.5,) * channels,
+                           (0.25,) * channels, **options).model
+        x = torch.rand((1, *image_shape))
+    model, x = model.to(device).eval(), x.to(device)
+    times: list[float] = []
+    with torch.inference_mode():
+        for _ in range(LATENCY_WARMUP):
+            model(x)
+        _synchronize(device)
+        began = time.perf_counter()
+        while len(times) < LATENCY_TRIAL_RUNS[1] and (
+                len(times) < LATENCY_TRIAL_RUNS[0]
+                or time.perf_counter() - began < LATENCY_TRIAL_SECONDS):
+            start = time.perf_counter()
+            model(x)
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+    return Latency(round(statistics.median(times) * 1000, 4), device_name(device), len(times))
 
 
 def constraint_values(trial) -> tuple[float, ...]:

@@ -112,7 +112,9 @@ def _reproduce_command(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg
     made = study.user_attrs.get("config", {})
     final = ["--final-seeds", str(cfg.final_seeds), "--final-epochs",
              str(schedule["max_epochs"]), "--final-patience", str(schedule["patience"] or 0),
-             *(["--front-models", str(cfg.front_models)] if cfg.pareto else [])]
+             *(["--front-models", str(cfg.front_models)] if cfg.pareto else []),
+             *(["--front-floor", str(cfg.front_floor)]
+               if cfg.pareto and cfg.front_floor is not None else [])]
     run = ["python", "-m", "search.run", "--study", study.user_attrs.get("study", cfg.study),
            "--data", study.user_attrs.get("data", {}).get("dataset", cfg.data),
            "--storage", storage.shown(cfg.storage), "--study-name", study.study_name,
@@ -121,6 +123,8 @@ def _reproduce_command(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg
            "--sampler", made.get("sampler", cfg.sampler),
            "--pruner", made.get("pruner", cfg.pruner),
            *(["--objectives", ",".join(cfg.objectives)] if cfg.pareto else []),
+           *[part for name, limit in cfg.limits().items() if limit is not None
+             for part in ("--" + name.replace("_", "-"), str(limit))],
            "--n-trials", str(len(study.trials)), *final]
     redo = ["python", "-m", "search.final", "--storage", storage.shown(cfg.storage),
             "--study-name", study.study_name, *final]
@@ -145,18 +149,20 @@ def _reproduce_command(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg
     ])
 
 
-def front_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
-    """Up to `k` Pareto-optimal completed trials of a study of accuracy against costs,
-    spread along its front, ordered from the cheapest to the most accurate: the most
-    accurate always, the cheapest (on its costs in order) when k > 1, between them those
-    whose first cost lies nearest to evenly spaced points on a log scale."""
+def front_trials(study: optuna.Study, k: int,
+                 floor: float = 0.0) -> list[optuna.trial.FrozenTrial]:
+    """Up to `k` Pareto-optimal completed trials of a study of accuracy against costs whose
+    validation accuracy is above `floor`, spread along its front, ordered from the cheapest
+    to the most accurate: the most accurate always, the cheapest (on its costs in order)
+    when k > 1, between them those whose first cost lies nearest to evenly spaced points on
+    a log scale. Empty when no trial of the front is above the floor."""
     def cheapest_first(t: optuna.trial.FrozenTrial) -> tuple:
         return tuple(t.values[1:]), -t.values[0]
 
     def log_cost(t: optuna.trial.FrozenTrial) -> float:
-        return math.log(max(t.values[1], 1.0))
+        return math.log(max(t.values[1], 1e-9))  # a latency can be well under 1 ms
 
-    front = sorted(study.best_trials, key=cheapest_first)
+    front = sorted((t for t in study.best_trials if t.values[0] > floor), key=cheapest_first)
     if len(front) <= k:
         return front
     top = max(front, key=lambda t: (t.values[0], [-v for v in t.values[1:]]))
@@ -171,6 +177,26 @@ def front_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
                    key=lambda t: abs(log_cost(t) - aim))
         chosen[pick.number] = pick
     return sorted(chosen.values(), key=cheapest_first)
+
+
+def _front_above_floor(study: optuna.Study, cfg: RunConfig,
+                       n_classes: int) -> list[optuna.trial.FrozenTrial]:
+    """front_trials above cfg.front_floor (None: chance): a net cheaper than every other is
+    on the front whatever it scores, and one no better than guessing is no model to ship."""
+    floor = 1 / n_classes if cfg.front_floor is None else cfg.front_floor
+    chosen = front_trials(study, cfg.front_models, floor)
+    below = sum(1 for t in study.best_trials if t.values[0] <= floor)
+    said = (f"--front-floor {floor:g}" if cfg.front_floor is not None
+            else f"chance ({floor:.4g}, {n_classes} classes)")
+    if not chosen:
+        best = max(t.values[0] for t in study.best_trials)
+        raise ConfigError(f"no trial of the Pareto front scores above {said} (the best: "
+                          f"{best:.4f} validation accuracy); lower --front-floor or run more "
+                          "trials")
+    if below:
+        log.info("final: %d trial(s) of the front at or below %s validation accuracy left "
+                 "out", below, said)
+    return chosen
 
 
 def front_folder(trial: optuna.trial.FrozenTrial) -> str:
@@ -217,9 +243,10 @@ def run_final(study: optuna.Study, cfg: RunConfig,
         raise ConfigError(f"study {study.study_name!r} has no completed trial to retrain; "
                           "run more trials first")
     pareto = len(study.directions) > 1
-    chosen = front_trials(study, cfg.front_models) if pareto else [study.best_trial]
-    lead = chosen[-1]  # the most accurate: the reference nets retrain with its settings
     dataset = load_study_data(study, cfg, dataset)
+    chosen = (_front_above_floor(study, cfg, len(dataset.classes)) if pareto
+              else [study.best_trial])
+    lead = chosen[-1]  # the most accurate: the reference nets retrain with its settings
     device = resolve_device(cfg.device)
     use_device(device)
     params = {t.number: spec.suggest(optuna.trial.FixedTrial(t.params)) for t in chosen}
@@ -264,8 +291,16 @@ def run_final(study: optuna.Study, cfg: RunConfig,
         options = registry.saved_options(spec, cfg.input_size)
 
         def measure(result: ConfigResult) -> costs.Costs:
-            return costs.measure(spec, result.params, dataset.image_shape,
-                                 len(dataset.classes), **options)
+            counted = costs.measure(spec, result.params, dataset.image_shape,
+                                    len(dataset.classes), **options)
+            if not cfg.timed:
+                return counted
+            # timed again here, every model on one device one after another, so the front
+            # and the reference nets compare like for like (the trials' figures were taken
+            # beside other workers)
+            return counted.with_latency(costs.measure_latency(
+                spec, result.params, dataset.image_shape, len(dataset.classes), device,
+                **options))
 
         ref_costs = {label: measure(result) for label, result in trained_refs.items()}
         directory = Path(cfg.runs_dir) / study.study_name
@@ -517,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_of_study(study, storage=args.storage, device=args.device,
                               data_dir=args.data_dir, final_seeds=args.final_seeds,
                               front_models=args.front_models,
+                              front_floor=args.front_floor,
                               final_epochs=args.final_epochs,
                               final_patience=args.final_patience, runs_dir=args.runs_dir,
                               artifact_dir=args.artifact_dir)

@@ -97,16 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "full); the final step retrains them in full either way")
     limits = parser.add_argument_group(
         "deployment limits", "a drawn config over a limit is never trained: it is recorded "
-        "as infeasible (pruned, with its costs) and TPE learns to avoid it; counted before "
-        "training, for the whole saved model (a frozen backbone included)")
+        "as infeasible (pruned, with its costs) and TPE learns to avoid it; counted (latency: "
+        "measured) before training, for the whole saved model (a frozen backbone included)")
     limits.add_argument("--max-params", type=int, metavar="N",
                         help="the most parameters the model may have")
     limits.add_argument("--max-flops", type=int, metavar="N",
                         help="the most multiply-adds per image (FLOPs as torchvision's model "
                         "tables count them)")
+    limits.add_argument("--max-latency-ms", type=float, metavar="MS",
+                        help="the most milliseconds per image at batch 1, measured before "
+                        "training on the trial's device (a GPU, or this CPU with the "
+                        "worker's threads)")
     limits.add_argument("--objectives", default="accuracy", metavar="LIST",
                         help="what the search optimizes: accuracy, or accuracy and costs "
-                        "(params, flops), e.g. accuracy,params: a Pareto search whose "
+                        "(params, flops, latency), e.g. accuracy,params: a Pareto search whose "
                         "trials are pruned only by cheaper ones, and whose final step "
                         "retrains and saves several models along the front")
     stored = parser.add_argument_group("storage")
@@ -169,13 +173,15 @@ def config_from_args(argv: list[str] | None = None) -> RunConfig:
         workers=args.workers, workers_per_device=args.workers_per_device,
         sampler=args.sampler, pruner=args.pruner, references=args.references, final=args.final,
         final_seeds=args.final_seeds, front_models=args.front_models,
+        front_floor=args.front_floor,
         final_epochs=args.final_epochs, final_patience=args.final_patience, runs_dir=args.runs_dir,
         artifact_dir=args.artifact_dir,
         cache_dir=args.cache_dir, cache_max_gb=args.cache_max_gb, weights=args.weights,
         input_size=args.input_size, image_size=args.image_size, channels=args.channels,
         test_fraction=args.test_fraction, skip_bad_images=args.skip_bad_images,
         augment_flips=args.augment_flips, max_params=args.max_params,
-        max_flops=args.max_flops, objectives=args.objectives,
+        max_flops=args.max_flops, max_latency_ms=args.max_latency_ms,
+        objectives=args.objectives,
     )
 
 
@@ -280,7 +286,8 @@ def search(cfg: RunConfig) -> tuple[optuna.Study, optuna.storages.BaseStorage, D
         front = sorted(study.best_trials, key=lambda t: t.values[1:])
         log.info("Pareto front of %d trial(s) (%s): %s", len(front), ", ".join(
             cfg.objectives), "; ".join(f"trial {t.number} {t.values[0]:.4f} "
-                                       + " ".join(f"{v:,.0f}" for v in t.values[1:])
+                                       + " ".join(f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+                                                  for v in t.values[1:])
                                        for t in front))
     elif best is not None:
         log.info("best trial %d: val accuracy %.4f, params %s", study.best_trial.number,

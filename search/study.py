@@ -253,9 +253,10 @@ class CostPeerHalving(optuna.pruners.BasePruner):
 
     asks_at = staticmethod(AtRungs.asks_at)
 
-    def cost_of(self, trial: optuna.trial.FrozenTrial) -> tuple[int, ...] | None:
-        measured = trial.user_attrs.get("costs")
-        return None if measured is None else tuple(measured[f] for f in self.fields)
+    def cost_of(self, trial: optuna.trial.FrozenTrial) -> tuple[float, ...] | None:
+        measured = trial.user_attrs.get("costs") or {}
+        values = tuple(measured.get(f) for f in self.fields)
+        return None if None in values else values
 
     def prune(self, study, trial) -> bool:
         step = trial.last_step

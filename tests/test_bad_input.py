@@ -207,6 +207,10 @@ def _numeric_rows() -> list[Row]:
             values += ["nan", "inf"]
         for value in values:
             rows.append(Row(f"{flag}={value}", [*RUN, flag, value], flag))
+    # fractional flags: milliseconds, an accuracy
+    for flag, values in (("--max-latency-ms", ["0", "-1", "nan", "inf", "1e9", "many"]),
+                         ("--front-floor", ["1", "-0.5", "nan", "many"])):
+        rows += [Row(f"{flag}={value}", [*RUN, flag, value], flag) for value in values]
     return rows
 
 
@@ -335,6 +339,8 @@ ROWS = [
         "--final-patience", cli="final", setup=_study_db),
     Row("final: front models", ["--study-name", "mlp-digits", "--front-models", "0"],
         "--front-models", cli="final", setup=_study_db),
+    Row("final: front floor", ["--study-name", "mlp-digits", "--front-floor", "1.5"],
+        "--front-floor", cli="final", setup=_study_db),
     Row("final: no trials", ["--study-name", "mlp-digits"], "no completed trial", cli="final",
         setup=_study_db),
     Row("final: older space", ["--study-name", "mlp-digits"], "searched in space mlp-v0",

@@ -8,6 +8,7 @@ import re
 
 import optuna
 import pytest
+import torch
 
 from search import costs, registry
 from search import evaluate as evaluate_module
@@ -133,3 +134,61 @@ def test_no_config_over_the_limit_is_trained_and_the_final_model_is_within_it(tm
     report = (directory / "report.md").read_text(encoding="utf-8")
     assert "multiply-adds / image" in report and f"{info['costs']['macs']:,}" in report
     assert "latency of model.onnx: " in report
+
+
+def test_latency_is_timed_on_the_device_without_touching_the_random_state():
+    spec = registry.get("cnn")
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    latency = costs.measure_latency(spec, cnn_space.LECTURE, (1, 28, 28), 10, "cpu")
+    assert torch.equal(torch.rand(3), expected)  # a trial's seeded draws are not shifted
+    assert latency.ms_per_image > 0
+    assert costs.LATENCY_TRIAL_RUNS[0] <= latency.runs <= costs.LATENCY_TRIAL_RUNS[1]
+    assert latency.where.startswith(f"{costs.cpu_name()}, {torch.get_num_threads()} thread")
+    counted = costs.measure(spec, cnn_space.LECTURE, (1, 28, 28), 10).with_latency(latency)
+    assert counted.as_attrs()["latency_ms"] == latency.ms_per_image
+    assert "ms per image at batch 1" in counted.describe()
+    # a search that times nothing keeps the counts alone
+    assert "latency_ms" not in costs.measure(spec, cnn_space.LECTURE, (1, 28, 28),
+                                             10).as_attrs()
+
+
+def test_a_latency_limit_says_where_it_was_measured():
+    cost = costs.Costs(params=10, trainable=10, macs=10, weight_bytes=40, latency_ms=2.5,
+                       latency_on="a CPU, 1 thread")
+    assert cost.violations({"max_latency_ms": 2.0}) == [pytest.approx(0.25)]
+    assert cost.over({"max_latency_ms": 2.0}) == (
+        "2.5 ms per image over --max-latency-ms 2 (measured on a CPU, 1 thread)")
+    assert cost.over({"max_latency_ms": 2.5}) is None
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="--max-latency-ms must be milliseconds above 0"):
+            RunConfig(study="mlp", max_latency_ms=bad)
+    cfg = RunConfig(study="mlp", max_latency_ms=0.5)
+    assert cfg.constrained and cfg.timed and not RunConfig(study="mlp").timed
+
+
+def test_no_config_over_the_latency_limit_is_trained(tmp_path, monkeypatch):
+    """The limit's path through the search, with a latency that is a known function of the
+    model (a thousandth of a millisecond per parameter), as a machine's timing is not."""
+    def by_size(spec, params, shape, n_classes, device, **options):
+        counted = costs.measure(spec, params, shape, n_classes, **options)
+        return costs.Latency(counted.params / 1000, "a known function", 5)
+
+    monkeypatch.setattr(costs, "measure_latency", by_size)
+    limit = 20.0
+    cfg = RunConfig(study="mlp", data="digits", n_trials=10, epochs=1, workers=1,
+                    storage=f"sqlite:///{tmp_path / 'studies.db'}", max_latency_ms=limit,
+                    runs_dir=str(tmp_path / "runs"), final=False)
+    study, _, _ = search(cfg)
+    infeasible = [t for t in study.trials if "infeasible" in t.user_attrs]
+    feasible = [t for t in study.trials if "infeasible" not in t.user_attrs]
+    assert infeasible and feasible
+    for trial in infeasible:
+        assert trial.user_attrs["costs"]["latency_ms"] > limit
+        assert "--max-latency-ms 20" in trial.user_attrs["infeasible"]
+        assert not trial.intermediate_values and "n_parameters" not in trial.user_attrs
+    for trial in feasible:
+        assert trial.user_attrs["costs"]["latency_ms"] <= limit
+        assert trial.user_attrs["costs"]["latency_on"] == "a known function"
+    assert study.best_trial in feasible

@@ -3,12 +3,14 @@ successive halving among cost peers, and the final step over the Pareto front.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import optuna
 import pytest
 
 import storage
+from search import costs
 from search.config import RunConfig, parse_objectives
 from search.errors import ConfigError
 from search.final import front_folder, front_trials, run_final
@@ -24,7 +26,8 @@ def test_objectives_are_accuracy_then_known_costs_once():
     assert parse_objectives("accuracy") == ("accuracy",)
     assert parse_objectives("accuracy, params,flops") == ("accuracy", "params", "flops")
     assert parse_objectives(["accuracy", "flops"]) == ("accuracy", "flops")
-    for bad in ("params", "accuracy,latency", "accuracy,params,params", ""):
+    assert parse_objectives("accuracy,latency") == ("accuracy", "latency")
+    for bad in ("params", "accuracy,speed", "accuracy,params,params", "latency,accuracy", ""):
         with pytest.raises(ConfigError, match="give accuracy, then any of"):
             parse_objectives(bad)
     assert RunConfig(study="mlp", objectives="accuracy,params").pareto
@@ -160,6 +163,34 @@ def test_front_models_are_spread_from_the_cheapest_to_the_most_accurate():
     assert [tuple(t.values) for t in front_trials(study, 1)] == [(0.90, 100_000)]
     assert len(front_trials(study, 10)) == len(front)
     assert front_folder(study.trials[2]) == "trial-2"
+    # above a floor: the cheapest kept is the cheapest that scores above it
+    assert [tuple(t.values) for t in front_trials(study, 2, floor=0.6)] == [
+        (0.70, 1_000), (0.90, 100_000)]
+    assert front_trials(study, 3, floor=0.9) == []
+
+
+def test_the_final_step_leaves_out_front_trials_no_better_than_chance(tmp_path):
+    """A net cheaper than every other is on the front whatever it scores: the final step
+    retrains only those above chance, or above --front-floor."""
+    cfg = RunConfig(study="mlp", data="digits", n_trials=1, epochs=1, workers=1,
+                    storage=f"sqlite:///{tmp_path / 'studies.db'}", final_seeds=1,
+                    objectives="accuracy,params", front_models=3,
+                    runs_dir=str(tmp_path / "runs"), artifact_dir=str(tmp_path / "artifacts"))
+    study, opened, dataset = search(cfg)
+    real = study.trials[0]
+    # a cheaper trial at chance (10 digits), and so on the front beside the real one
+    study.add_trial(optuna.trial.create_trial(
+        state=State.COMPLETE, values=[0.1, real.values[1] - 1], params=real.params,
+        distributions=real.distributions, user_attrs=real.user_attrs))
+    assert len(study.best_trials) == 2
+    outcome = run_final(study, cfg, opened, dataset)
+    assert [o.best_trial.number for o in outcome.front] == [real.number]
+    with pytest.raises(ConfigError, match=r"no trial of the Pareto front scores above "
+                                          r"--front-floor 0\.99 \(the best: 0\.\d{4}"):
+        run_final(study, dataclasses.replace(cfg, front_floor=0.99), opened, dataset)
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ConfigError, match="--front-floor must be a validation accuracy"):
+            RunConfig(study="mlp", front_floor=bad)
 
 
 def test_a_pareto_search_ends_with_a_saved_model_per_front_point(tmp_path):
@@ -199,3 +230,29 @@ def test_a_pareto_search_ends_with_a_saved_model_per_front_point(tmp_path):
     assert [f["trial"] for f in final["front"]] == [t.number for t in front]
     assert final["test_accuracy"] == outcome.test["accuracy"]
     assert f"{front_folder(front[0])}/model.onnx" in final["artifacts"]
+
+
+def test_a_latency_pareto_search_times_every_trial_and_the_front_side_by_side(tmp_path):
+    cfg = RunConfig(study="mlp", data="digits", n_trials=5, epochs=1, workers=1,
+                    storage=f"sqlite:///{tmp_path / 'studies.db'}", final_seeds=1,
+                    objectives="accuracy,latency", front_models=2,
+                    runs_dir=str(tmp_path / "runs"), artifact_dir=str(tmp_path / "artifacts"))
+    assert cfg.timed
+    study, opened, dataset = search(cfg)
+    assert study.metric_names == ["validation accuracy", "milliseconds per image"]
+    complete = study.get_trials(states=(State.COMPLETE,))
+    assert complete
+    for trial in complete:
+        measured = trial.user_attrs["costs"]
+        assert trial.values[1] == measured["latency_ms"] > 0
+        assert measured["latency_on"].startswith(costs.cpu_name())
+    outcome = run_final(study, cfg, opened, dataset)
+    directory = tmp_path / "runs" / study.study_name
+    # the front and the reference nets timed again by the final step, one after another
+    for each in outcome.front:
+        info = json.loads((each.directory / "model.json").read_text())
+        assert info["costs"]["latency_ms"] > 0
+    assert all(c.latency_ms > 0 for c in outcome.config_costs.values())
+    report = (directory / "report.md").read_text(encoding="utf-8")
+    assert "accuracy against milliseconds per image" in report
+    assert "PyTorch ms per image (batch 1)" in report

@@ -35,10 +35,13 @@ def chart_points(outcomes: list, cost: str) -> list[dict]:
         s = result.summary()["test_accuracy"]
         points.append({"label": label, "kind": "reference", "mean": s["mean"], "std": s["std"],
                        "cost": getattr(lead.config_costs[label], field)})
-    other_key = {"params": "n_parameters", "flops": "macs"}[cost]
+    # the other studies' counts are exact wherever they were made; a latency measured on
+    # another run's machine and load would not compare, so they are left off that chart
+    other_key = {"params": "n_parameters", "flops": "macs"}.get(cost)
     points += [{"label": other["study_name"], "kind": "other study",
                 "mean": other["test_accuracy"], "std": 0.0, "cost": other.get(other_key)}
-               for other in lead.other_studies if other.get("test_accuracy") is not None]
+               for other in lead.other_studies
+               if other_key and other.get("test_accuracy") is not None]
     return points
 
 
@@ -66,29 +69,38 @@ def build(outcomes: list, directory: Path, objectives: tuple[str, ...]) -> list[
                       "test accuracy of the retrained models (mean ± sd over seeds), the "
                       "reference nets and the other studies' final models on the same data."),
     ]
+    timed = lead.config_costs["best found"].latency_ms is not None
+
+    def cost_cells(c) -> list[str]:
+        return [f"{c.params:,}", f"{c.macs:,}", *([f"{c.latency_ms:.3g}"] if timed else [])]
+
     rows = []
     for outcome in outcomes:
         s = outcome.results["best found"].summary()
-        c = outcome.config_costs["best found"]
         latency = outcome.onnx.get("latency", {})
         folder = outcome.directory.name
         rows.append([f"trial {outcome.best_trial.number}", f"`{folder}/`",
-                     f"{c.params:,}", f"{c.macs:,}", _mean_sd(s["val_accuracy"]),
-                     _mean_sd(s["test_accuracy"]), f"{outcome.test['accuracy']:.4f}",
+                     *cost_cells(outcome.config_costs["best found"]),
+                     _mean_sd(s["val_accuracy"]), _mean_sd(s["test_accuracy"]),
+                     f"{outcome.test['accuracy']:.4f}",
                      f"{latency.get('batch_1_ms_per_image', float('nan')):.3g}"])
     for label, result in lead.results.items():
         if label == "best found" or not result.runs:
             continue
-        s, c = result.summary(), lead.config_costs[label]
-        rows.append([label, "-", f"{c.params:,}", f"{c.macs:,}", _mean_sd(s["val_accuracy"]),
-                     _mean_sd(s["test_accuracy"]), "-", "-"])
+        s = result.summary()
+        rows.append([label, "-", *cost_cells(lead.config_costs[label]),
+                     _mean_sd(s["val_accuracy"]), _mean_sd(s["test_accuracy"]), "-", "-"])
     blocks += [
         Heading("Front models and reference nets"),
         Table(["model", "folder", "parameters", "multiply-adds per image",
+               *(["PyTorch ms per image (batch 1)"] if timed else []),
                "validation accuracy", "test accuracy", "saved model, test",
                "ONNX ms per image (batch 1)"], rows),
         Text("Each saved model is the best validation seed of its retrain, reloaded from its "
-             "files and scored on the test split; the test split chose nothing."),
+             "files and scored on the test split; the test split chose nothing."
+             + (f" PyTorch latencies were measured one model after another on "
+                f"{lead.config_costs['best found'].latency_on}; ONNX latencies in ONNX "
+                "Runtime on the CPU." if timed else "")),
     ]
     return blocks
 
