@@ -127,3 +127,18 @@ def on_meta() -> bool:
     import torch
 
     return torch.get_default_device().type == "meta"
+
+
+def wsgi_get(app, path: str) -> tuple[str, bytes]:
+    """GET `path` from a WSGI app (optuna-dashboard's) without a server: (status, body)."""
+    from wsgiref.util import setup_testing_defaults
+
+    environ = {"PATH_INFO": path, "REQUEST_METHOD": "GET"}
+    setup_testing_defaults(environ)
+    status = {}
+
+    def start_response(code, headers, exc_info=None):
+        status["code"] = code
+
+    body = b"".join(app(environ, start_response))
+    return status["code"], body

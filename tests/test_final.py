@@ -6,7 +6,6 @@ import dataclasses
 import json
 import re
 import shutil
-from wsgiref.util import setup_testing_defaults
 
 import numpy as np
 import optuna
@@ -21,7 +20,7 @@ from search.errors import ConfigError
 from search.export import ModelFileError, check_onnx, load_model, sha256_of
 from search.run import search
 from search.train import predict_scores
-from tests.conftest import onnx_agrees
+from tests.conftest import onnx_agrees, wsgi_get
 
 FILES = ("model.pt", "model.json", "model.onnx", "metrics.json", "report.md", "report.html")
 
@@ -209,32 +208,20 @@ def test_report_contents(finished):
     assert "<table>" in page and "macro avg" in page
 
 
-def _get(app, path):
-    environ = {"PATH_INFO": path, "REQUEST_METHOD": "GET"}
-    setup_testing_defaults(environ)
-    status = {}
-
-    def start_response(code, headers, exc_info=None):
-        status["code"] = code
-
-    body = b"".join(app(environ, start_response))
-    return status["code"], body
-
-
 def test_dashboard_api_lists_artifacts_and_note(finished):
     from optuna_dashboard import wsgi
 
     cfg, study, _, directory = finished
     opened = storage.open(cfg.storage)
     app = wsgi(opened, artifact_store=storage.artifact_store(cfg.storage))
-    code, body = _get(app, f"/api/studies/{study._study_id}")
+    code, body = wsgi_get(app, f"/api/studies/{study._study_id}")
     assert code.startswith("200")
     detail = json.loads(body)
     names = {a["filename"] for a in detail["artifacts"]}
     assert set(FILES) <= names and "confusion.png" in names
     assert "Final model" in detail["note"]["body"] and "test accuracy" in detail["note"]["body"]
     model_pt = next(a for a in detail["artifacts"] if a["filename"] == "model.pt")
-    code, body = _get(app, f"/artifacts/{study._study_id}/{model_pt['artifact_id']}")
+    code, body = wsgi_get(app, f"/artifacts/{study._study_id}/{model_pt['artifact_id']}")
     assert code.startswith("200") and body == (directory / "model.pt").read_bytes()
 
 

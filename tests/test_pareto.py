@@ -18,6 +18,7 @@ from search.objective import TrialRecorder
 from search.replay import replay
 from search.run import search
 from search.study import CostPeerHalving, make_pruner, make_sampler
+from tests.conftest import wsgi_get
 
 State = optuna.trial.TrialState
 
@@ -230,6 +231,19 @@ def test_a_pareto_search_ends_with_a_saved_model_per_front_point(tmp_path):
     assert [f["trial"] for f in final["front"]] == [t.number for t in front]
     assert final["test_accuracy"] == outcome.test["accuracy"]
     assert f"{front_folder(front[0])}/model.onnx" in final["artifacts"]
+    # optuna-dashboard's API gives its Pareto-front plot the directions, the axis names and
+    # the front
+    from optuna_dashboard import wsgi
+
+    app = wsgi(storage.open(cfg.storage), artifact_store=storage.artifact_store(cfg.storage))
+    code, body = wsgi_get(app, f"/api/studies/{study._study_id}")
+    assert code.startswith("200")
+    detail = json.loads(body)
+    assert detail["directions"] == ["maximize", "minimize"]
+    assert detail["objective_names"] == ["validation accuracy", "parameters"]
+    assert sorted(t["number"] for t in detail["best_trials"]) == sorted(
+        t.number for t in study.best_trials)
+
 
 
 def test_a_latency_pareto_search_times_every_trial_and_the_front_side_by_side(tmp_path):
