@@ -92,12 +92,17 @@ class Costs:
         for name, limit in limits.items():
             value = getattr(self, LIMITS[name])
             if limit is not None and value > limit:
-                flag = "--" + name.replace("_", "-")
+                flag = limit_flag(name)
                 if name == "max_latency_ms":
                     return (f"{value:.3g} ms per image over {flag} {limit:g} (measured on "
                             f"{self.latency_on})")
                 return f"{value:,} {LIMITS[name]} over {flag} {limit:,}"
         return None
+
+
+def limit_flag(name: str) -> str:
+    """The search.run flag of a LIMITS key: max_latency_ms -> --max-latency-ms."""
+    return "--" + name.replace("_", "-")
 
 
 def _short(number: int) -> str:
@@ -131,21 +136,33 @@ def _macs(model: nn.Module, image_shape) -> int:
     return total
 
 
-def measure(spec: StudySpec, params, image_shape, n_classes: int, **options) -> Costs:
-    """The costs of the model `spec.build(params, ...)` makes for images of `image_shape`
-    (C, H, W); `options` are the builder's (vgg16: input_size, fold). Raises what the builder
-    raises for params that do not fit the input."""
+def _build(spec: StudySpec, params, image_shape, n_classes: int, **options) -> nn.Module:
+    """The model the study's builder makes, with placeholder normalization statistics (they
+    change no count and no time)."""
     channels = int(image_shape[0])
+    return spec.build(params, image_shape, n_classes, (0.5,) * channels, (0.25,) * channels,
+                      **options).model
+
+
+def measure(spec: StudySpec, params, image_shape, n_classes: int,
+            timed_on: torch.device | None = None, **options) -> Costs:
+    """The costs of the model `spec.build(params, ...)` makes for images of `image_shape`
+    (C, H, W); `options` are the builder's (vgg16: input_size, fold). With `timed_on`, also
+    its latency on that device (measure_latency). Raises what the builder raises for params
+    that do not fit the input."""
     with torch.device("meta"):
-        model = spec.build(params, image_shape, n_classes, (0.5,) * channels,
-                           (0.25,) * channels, **options).model
+        model = _build(spec, params, image_shape, n_classes, **options)
     state = model.state_dict()
-    return Costs(
+    counted = Costs(
         params=sum(p.numel() for p in model.parameters()),
         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
         macs=_macs(model, image_shape),
         weight_bytes=sum(t.numel() * t.element_size() for t in state.values()),
     )
+    if timed_on is None:
+        return counted
+    return counted.with_latency(measure_latency(spec, params, image_shape, n_classes,
+                                                timed_on, **options))
 
 
 @dataclass(frozen=True)
@@ -186,10 +203,8 @@ def measure_latency(spec: StudySpec, params, image_shape, n_classes: int, device
     (eval mode, no autograd): the median of repeated runs after a warm-up. The model gets
     random weights, drawn without touching the caller's random state."""
     device = torch.device(device)
-    channels = int(image_shape[0])
     with torch.random.fork_rng(devices=[]):
-        model = spec.build(params, image_shape, n_classes, (0.5,) * channels,
-                           (0.25,) * channels, **options).model
+        model = _build(spec, params, image_shape, n_classes, **options)
         x = torch.rand((1, *image_shape))
     model, x = model.to(device).eval(), x.to(device)
     times: list[float] = []

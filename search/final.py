@@ -124,7 +124,7 @@ def _reproduce_command(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg
            "--pruner", made.get("pruner", cfg.pruner),
            *(["--objectives", ",".join(cfg.objectives)] if cfg.pareto else []),
            *[part for name, limit in cfg.limits().items() if limit is not None
-             for part in ("--" + name.replace("_", "-"), str(limit))],
+             for part in (costs.limit_flag(name), str(limit))],
            "--n-trials", str(len(study.trials)), *final]
     redo = ["python", "-m", "search.final", "--storage", storage.shown(cfg.storage),
             "--study-name", study.study_name, *final]
@@ -291,16 +291,12 @@ def run_final(study: optuna.Study, cfg: RunConfig,
         options = registry.saved_options(spec, cfg.input_size)
 
         def measure(result: ConfigResult) -> costs.Costs:
-            counted = costs.measure(spec, result.params, dataset.image_shape,
-                                    len(dataset.classes), **options)
-            if not cfg.timed:
-                return counted
-            # timed again here, every model on one device one after another, so the front
-            # and the reference nets compare like for like (the trials' figures were taken
-            # beside other workers)
-            return counted.with_latency(costs.measure_latency(
-                spec, result.params, dataset.image_shape, len(dataset.classes), device,
-                **options))
+            # a latency is timed again here, every model on one device one after another, so
+            # the front and the reference nets compare like for like (the trials' figures
+            # were taken beside other workers)
+            return costs.measure(spec, result.params, dataset.image_shape,
+                                 len(dataset.classes), timed_on=device if cfg.timed else None,
+                                 **options)
 
         ref_costs = {label: measure(result) for label, result in trained_refs.items()}
         directory = Path(cfg.runs_dir) / study.study_name

@@ -197,13 +197,10 @@ class Objective:
             computed = len(self.features.computed) if self.features is not None else 0
             try:
                 # what the saved model would cost, before anything is trained or allocated
-                options = registry.saved_options(self.spec, self.cfg.input_size)
+                # (and, where asked, the model built for real and timed on this trial's device)
                 cost = costs.measure(self.spec, params, self.image_shape, self.n_classes,
-                                     **options)
-                if self.cfg.timed:  # the model built for real, timed on this trial's device
-                    cost = cost.with_latency(costs.measure_latency(
-                        self.spec, params, self.image_shape, self.n_classes, self.device,
-                        **options))
+                                     timed_on=self.device if self.cfg.timed else None,
+                                     **registry.saved_options(self.spec, self.cfg.input_size))
                 cost_attrs = self._check_limits(trial, cost)
                 torch.manual_seed(seed)  # weight init and dropout masks
                 train, val, build = self._inputs(params)
