@@ -1,6 +1,6 @@
 """python benchmarks/pareto_pruning.py [--study cnn] [--data mnist-5k] [--data-dir DIR]
     [--budget 120] [--seeds 3] [--objectives accuracy,params]
-    [--variant NAME='FLAGS' ...]
+    [--arms peers,none] [--variant NAME='FLAGS' ...]
 
 What pruning among cost peers saves a search of accuracy against size. Each arm runs
 `python -m search.run --study STUDY --objectives accuracy,params --no-final` for the same
@@ -12,6 +12,8 @@ fresh process with the data cache filled beforehand:
   none    `--pruner none`: every trial trains all its epochs, as any Optuna study of
           several objectives must (Optuna prunes none)
   NAME    --variant NAME='--sampler random': the same command with those flags
+
+--arms picks among peers and none (--arms peers: the variants against the default alone).
 
 The measure is the hypervolume of the completed trials' front in (1 - validation accuracy,
 log10 of the cost), to a reference point of error 1 and ten times the largest cost any
@@ -85,11 +87,16 @@ def _run(flags: list[str], args: argparse.Namespace, seed: int, workdir: Path) -
         if trial.state.name == "COMPLETE":
             done.append({"t": trial.datetime_complete.timestamp() - t0,
                          "error": 1.0 - trial.values[0], "cost": trial.values[1]})
+    if process.returncode not in (0, 130):  # 130: interrupted past the grace period
+        lines = (workdir / "run.log").read_text(encoding="utf-8").strip().splitlines()
+        print(f"  run failed (exit code {process.returncode}): "
+              f"{lines[-1] if lines else 'nothing logged'}", flush=True)
     return {"done": done, "states": states}
 
 
 def _volume(run: dict, until: float, top_cost: float) -> float:
-    points = [(p["error"], math.log10(max(p["cost"], 1.0))) for p in run["done"]
+    # a latency is well under 1 ms
+    points = [(p["error"], math.log10(max(p["cost"], 1e-9))) for p in run["done"]
               if p["t"] <= until]
     return hypervolume_2d(points, (1.0, math.log10(10 * top_cost)))
 
@@ -103,6 +110,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--objectives", default="accuracy,params",
                         help="accuracy and one cost: the hypervolume is two-dimensional")
+    parser.add_argument("--arms", default="peers,none",
+                        help="of peers,none; the first arm is the one the others divide")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME='FLAGS'",
                         help="another arm: search.run flags added to the command")
     args = parser.parse_args()
@@ -112,10 +121,16 @@ def main() -> int:
     from machine import header  # benchmarks/machine.py, beside this script
 
     print(header(), flush=True)
-    arms = {"peers": ["--pruner", "sha"], "none": ["--pruner", "none"]}
+    known = {"peers": ["--pruner", "sha"], "none": ["--pruner", "none"]}
+    chosen = [name for name in args.arms.split(",") if name]
+    if not set(chosen) <= set(known):
+        parser.error(f"--arms: of {', '.join(known)}, got {args.arms!r}")
+    arms = {name: known[name] for name in chosen}
     for variant in args.variant:
         name, _, flags = variant.partition("=")
         arms[name] = shlex.split(flags)
+    if not arms:
+        parser.error("no arm to run: name one in --arms or give a --variant")
     args.data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
     runs: dict[str, list[dict]] = {arm: [] for arm in arms}
     started = time.perf_counter()
