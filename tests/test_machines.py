@@ -6,6 +6,7 @@ study, as docs/scaling.md writes the commands: tests/test_docs.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -33,15 +34,34 @@ TINY = ["--study", "mlp", "--data", "digits", "--device", "cpu", "--workers", "1
 LONG_TRIALS = ["--epochs", "100", "--pruner", "none"]
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_run_outlives_its_test():
+    """A test that fails while its run is training would leave the run (in its own session,
+    out of pytest's reach) taking the cores every later test needs: it is killed here."""
+    yield
+    while _STARTED:
+        run = _STARTED.pop()
+        if run.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(run.pid, signal.SIGKILL)
+            run.communicate()
+
+
 def _start(args, cwd, **kwargs):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "search.run", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    run = subprocess.Popen([sys.executable, "-m", "search.run", *args], cwd=cwd, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True, **kwargs)
+    _STARTED.append(run)
+    return run
 
 
 def test_a_killed_worker_is_failed_retried_and_replaced(tmp_path):
     run = _start([*TINY, "--n-trials", "5", *LONG_TRIALS, "--workers", "2", "--no-final"],
-                 cwd=tmp_path, start_new_session=True)
+                 cwd=tmp_path)
     storage_url = f"sqlite:///{tmp_path / 'studies.db'}"
     victim = None
     deadline = time.monotonic() + 300
@@ -75,11 +95,14 @@ def test_a_killed_worker_is_failed_retried_and_replaced(tmp_path):
 def test_ctrl_c_stops_every_worker_in_one_line_and_the_next_run_resumes(tmp_path):
     # a budget no machine finishes before the signal: the run must end by the Ctrl-C alone
     run = _start([*TINY, "--n-trials", "10000", *LONG_TRIALS, "--workers", "2",
-                  "--no-final"], cwd=tmp_path, start_new_session=True)
+                  "--no-final"], cwd=tmp_path)
     storage_url = f"sqlite:///{tmp_path / 'studies.db'}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         time.sleep(0.5)
+        if run.poll() is not None:  # it cannot have finished its budget: it failed
+            pytest.fail(f"the run ended (exit code {run.returncode}) before the signal: "
+                        f"{run.communicate()[1][-2000:]}")
         try:
             study = optuna.load_study(study_name="mlp-digits", storage=storage_url)
             if len(study.get_trials(states=(optuna.trial.TrialState.RUNNING,))) == 2:
