@@ -50,6 +50,12 @@ REFERENCE_MODES = {
 COST_OBJECTIVES = {"params": "parameters", "flops": "multiply-adds per image",
                    "latency": "milliseconds per image"}
 ACCURACY_METRIC = "validation accuracy"
+# --latency-runtime: what a trial's latency is measured in (search.costs.measure_latency)
+LATENCY_RUNTIMES = {
+    "onnxruntime": "exported to ONNX and run in ONNX Runtime on this machine's CPU, as "
+                   "deployed",
+    "pytorch": "the PyTorch model on the trial's device (a GPU, or the CPU)",
+}
 # pruners of a study with several objectives: "sha" there halves among cost peers
 PARETO_PRUNERS = ("sha", "none")
 
@@ -159,7 +165,8 @@ class RunConfig:
     # deployment limits (search.costs.LIMITS): a config over one is never trained
     max_params: int | None = None
     max_flops: int | None = None  # multiply-adds per image
-    max_latency_ms: float | None = None  # per image at batch 1, on the trial's device
+    max_latency_ms: float | None = None  # per image at batch 1, in latency_runtime
+    latency_runtime: str = "onnxruntime"  # one of LATENCY_RUNTIMES
     # what the search optimizes: ("accuracy",), or accuracy and COST_OBJECTIVES (a Pareto
     # search, one direction per objective)
     objectives: tuple[str, ...] = ("accuracy",)
@@ -188,6 +195,9 @@ class RunConfig:
                               f"{self.seed:,}")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"--sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        if self.latency_runtime not in LATENCY_RUNTIMES:
+            raise ConfigError(f"--latency-runtime {self.latency_runtime!r}: choose one of "
+                              f"{', '.join(LATENCY_RUNTIMES)}")
         if self.pruner not in PRUNERS:
             raise ConfigError(f"--pruner {self.pruner!r}: choose one of {', '.join(PRUNERS)}")
         if self.references is not None and self.references not in REFERENCE_MODES:
@@ -237,6 +247,15 @@ class RunConfig:
         """The deployment limits, by search.costs.LIMITS key (None: no limit)."""
         return {"max_params": self.max_params, "max_flops": self.max_flops,
                 "max_latency_ms": self.max_latency_ms}
+
+    def metric_names(self) -> list[str]:
+        """The study's names of --objectives, optuna-dashboard's labels of its axes; a
+        latency names its runtime unless it is PyTorch's, as a latency was named before
+        there was a choice."""
+        return [ACCURACY_METRIC] + [
+            COST_OBJECTIVES[name] + (" (ONNX Runtime, CPU)" if name == "latency" and
+                                     self.latency_runtime == "onnxruntime" else "")
+            for name in self.objectives[1:]]
 
     @property
     def timed(self) -> bool:

@@ -8,9 +8,10 @@ it with hooks on the layers that do the work. So the counts are exact, determini
 the same on every machine, and a VGG16 costs no more to count than a small CNN.
 
 Latency is a measurement, not a count: the model is built for real (random weights: the time
-of a forward pass does not depend on their values) on the trial's device and timed at batch
-1, the median of repeated runs. It says where it was measured, and varies with the machine
-and with what else runs on it.
+of a forward pass does not depend on their values) and timed at batch 1 and 64, the median of
+repeated runs: exported to ONNX and run in ONNX Runtime on the CPU, as it would be deployed,
+or in PyTorch on the trial's device (--latency-runtime). It says where it was measured, and
+varies with the machine and with what else runs on it.
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ class Costs:
     trainable: int  # the parameters a trial trains
     macs: int  # multiply-adds of one image through the convolution and linear layers
     weight_bytes: int  # parameters and buffers of its state_dict, as saved
-    # milliseconds per image at batch 1 and where they were measured (Latency.where); None
-    # unless the search asked for latency (--objectives ...,latency or --max-latency-ms)
+    # milliseconds per image at batch 1 and, per image, at batch 64, and where they were
+    # measured (Latency.where); None unless the search asked for latency (--objectives
+    # ...,latency or --max-latency-ms)
     latency_ms: float | None = None
+    latency_64_ms: float | None = None
     latency_on: str | None = None
 
     def as_attrs(self) -> dict:
@@ -56,12 +59,15 @@ class Costs:
     def describe(self) -> str:
         trained = "" if self.trainable == self.params else f" ({self.trainable:,} trained)"
         timed = "" if self.latency_ms is None else (
-            f", {self.latency_ms:.3g} ms per image at batch 1 ({self.latency_on})")
+            f", {self.latency_ms:.3g} ms per image at batch 1"
+            + ("" if self.latency_64_ms is None else f", {self.latency_64_ms:.3g} at batch 64")
+            + f" ({self.latency_on})")
         return (f"{self.params:,} parameters{trained}, {_short(self.macs)} multiply-adds per "
                 f"image, {self.weight_bytes / 1e6:.3g} MB of weights{timed}")
 
     def with_latency(self, latency: Latency) -> Costs:
-        return replace(self, latency_ms=latency.ms_per_image, latency_on=latency.where)
+        return replace(self, latency_ms=latency.ms_per_image,
+                       latency_64_ms=latency.batch_ms_per_image, latency_on=latency.where)
 
     def objective_values(self, objectives: tuple[str, ...]) -> tuple[float, ...]:
         """The values of the cost objectives `objectives` (OBJECTIVE_FIELDS keys)."""
@@ -145,11 +151,12 @@ def _build(spec: StudySpec, params, image_shape, n_classes: int, **options) -> n
 
 
 def measure(spec: StudySpec, params, image_shape, n_classes: int,
-            timed_on: torch.device | None = None, **options) -> Costs:
+            timed_on: torch.device | None = None, runtime: str = "onnxruntime",
+            **options) -> Costs:
     """The costs of the model `spec.build(params, ...)` makes for images of `image_shape`
     (C, H, W); `options` are the builder's (vgg16: input_size, fold). With `timed_on`, also
-    its latency on that device (measure_latency). Raises what the builder raises for params
-    that do not fit the input."""
+    its latency in `runtime` (measure_latency: ONNX Runtime on the CPU, or PyTorch on that
+    device). Raises what the builder raises for params that do not fit the input."""
     with torch.device("meta"):
         model = _build(spec, params, image_shape, n_classes, **options)
     state = model.state_dict()
@@ -162,32 +169,53 @@ def measure(spec: StudySpec, params, image_shape, n_classes: int,
     if timed_on is None:
         return counted
     return counted.with_latency(measure_latency(spec, params, image_shape, n_classes,
-                                                timed_on, **options))
+                                                timed_on, runtime, **options))
 
 
 @dataclass(frozen=True)
 class Latency:
     ms_per_image: float  # batch 1: the median of the timed runs
-    where: str  # the device (CPU model and threads, or GPU name)
-    runs: int
+    batch_ms_per_image: float  # at batch LATENCY_BATCHES[1], per image: what a server sees
+    where: str  # the runtime and the device (CPU model and threads, or GPU name)
+    runs: int  # timed runs at batch 1
 
 
-# a trial's latency at batch 1: warm-up runs, then at least, at most this many timed runs,
-# stopping once LATENCY_TRIAL_SECONDS have passed after the least
-LATENCY_WARMUP = 2
-LATENCY_TRIAL_RUNS = (5, 50)
-LATENCY_TRIAL_SECONDS = 0.5
+# batch 1 (latency) and 64 (throughput, per image)
+LATENCY_BATCHES = (1, 64)
+# a trial's timing, by batch: (warm-up runs, (at least, at most) timed runs, seconds after
+# which no run starts once the least are done); about a second per trial for a small net
+TRIAL_TIMING = {1: (2, (5, 50), 0.5), 64: (1, (3, 20), 0.5)}
+# a saved model.onnx's timing (the final step, search.evaluate): longer, once per model
+FILE_TIMING = {1: (1, (3, 20), 2.0), 64: (1, (3, 20), 2.0)}
+
+
+def _median_ms(run, timing: tuple[int, tuple[int, int], float], per: int) -> tuple[float, int]:
+    """Milliseconds per image of `run()`, which handles `per` images: the median of the
+    timed runs of `timing` (TRIAL_TIMING's form), and how many there were."""
+    warmup, (least, most), seconds = timing
+    for _ in range(warmup):
+        run()
+    times: list[float] = []
+    began = time.perf_counter()
+    while len(times) < most and (len(times) < least
+                                 or time.perf_counter() - began < seconds):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times) * 1000 / per, 4), len(times)
 
 
 def device_name(device: torch.device) -> str:
-    """Where a latency was measured, in words."""
+    """Where a PyTorch latency was measured, in words."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, PyTorch {torch.__version__}"
     if device.type == "cpu":
-        threads = torch.get_num_threads()
-        return (f"{cpu_name()}, {threads} thread{'' if threads == 1 else 's'}, PyTorch "
-                f"{torch.__version__}")
+        return f"{cpu_name()}, {_threads(torch.get_num_threads())}, PyTorch {torch.__version__}"
     return f"{device}, PyTorch {torch.__version__}"
+
+
+def _threads(count: int) -> str:
+    return f"{count} thread{'' if count == 1 else 's'}"
 
 
 def _synchronize(device: torch.device) -> None:
@@ -198,29 +226,75 @@ def _synchronize(device: torch.device) -> None:
 
 
 def measure_latency(spec: StudySpec, params, image_shape, n_classes: int, device,
-                    **options) -> Latency:
-    """Milliseconds per image of `spec.build(params, ...)` at batch 1 on `device`, in PyTorch
-    (eval mode, no autograd): the median of repeated runs after a warm-up. The model gets
-    random weights, drawn without touching the caller's random state."""
+                    runtime: str = "onnxruntime", **options) -> Latency:
+    """Milliseconds per image of `spec.build(params, ...)` at batch 1 and 64, the median of
+    repeated runs after a warm-up (TRIAL_TIMING), in `runtime` (search.config.
+    LATENCY_RUNTIMES): "onnxruntime", exported to ONNX and run in ONNX Runtime on this
+    machine's CPU with PyTorch's thread count (a worker's share); "pytorch", in PyTorch on
+    `device` (eval mode, no autograd). The model gets random weights (a forward pass takes as
+    long whatever their values), drawn without touching the caller's random state."""
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
-        model = _build(spec, params, image_shape, n_classes, **options)
-        x = torch.rand((1, *image_shape))
-    model, x = model.to(device).eval(), x.to(device)
-    times: list[float] = []
+        model = _build(spec, params, image_shape, n_classes, **options).eval()
+        images = torch.rand((max(LATENCY_BATCHES), *image_shape))
+    if runtime == "onnxruntime":
+        return _onnx_runtime_latency(model, images)
+    if runtime != "pytorch":
+        raise ValueError(f"unknown latency runtime {runtime!r}")
+    model = model.to(device)
+    timed = {}
     with torch.inference_mode():
-        for _ in range(LATENCY_WARMUP):
-            model(x)
-        _synchronize(device)
-        began = time.perf_counter()
-        while len(times) < LATENCY_TRIAL_RUNS[1] and (
-                len(times) < LATENCY_TRIAL_RUNS[0]
-                or time.perf_counter() - began < LATENCY_TRIAL_SECONDS):
-            start = time.perf_counter()
-            model(x)
-            _synchronize(device)
-            times.append(time.perf_counter() - start)
-    return Latency(round(statistics.median(times) * 1000, 4), device_name(device), len(times))
+        for batch in LATENCY_BATCHES:
+            x = images[:batch].to(device)
+
+            def run(x=x) -> None:
+                model(x)
+                _synchronize(device)
+
+            timed[batch] = _median_ms(run, TRIAL_TIMING[batch], batch)
+    return Latency(timed[1][0], timed[LATENCY_BATCHES[1]][0], device_name(device), timed[1][1])
+
+
+def _onnx_runtime_latency(model: nn.Module, images: torch.Tensor) -> Latency:
+    """measure_latency's "onnxruntime": the model exported (the TorchScript exporter first:
+    a twentieth of a second for a small net, where the torch.export one takes seconds) to a
+    temporary file, timed in an ONNX Runtime session of PyTorch's thread count."""
+    import tempfile
+
+    import onnxruntime
+
+    from search.export import export_onnx
+
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="search-latency-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        # a batch of 2: the torch.export exporter would fix a batch of 1 in the graph
+        export_onnx(model, path, images[:2], exporters=("torchscript", "dynamo"))
+        session = _onnx_session(path, threads)
+    timed = _onnx_timings(session, images.numpy(), TRIAL_TIMING)
+    return Latency(timed[1][0], timed[LATENCY_BATCHES[1]][0],
+                   f"ONNX Runtime {onnxruntime.__version__}, {cpu_name()}, {_threads(threads)}",
+                   timed[1][1])
+
+
+def _onnx_session(path: Path, threads: int | None):
+    """An ONNX Runtime CPU session of the file (loaded in full: the file may go after);
+    threads None: its default, every core."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _onnx_timings(session, images, timing: dict) -> dict[int, tuple[float, int]]:
+    """By batch of LATENCY_BATCHES: (ms per image, timed runs) of `session` on the first
+    images of `images` (a float32 array)."""
+    name = session.get_inputs()[0].name
+    return {batch: _median_ms(lambda x=images[:batch]: session.run(None, {name: x}),
+                              timing[batch], batch)
+            for batch in LATENCY_BATCHES}
 
 
 def constraint_values(trial) -> tuple[float, ...]:
@@ -229,36 +303,21 @@ def constraint_values(trial) -> tuple[float, ...]:
     return tuple(trial.user_attrs.get(CONSTRAINTS_ATTR, (0.0,)))
 
 
-LATENCY_BATCHES = (1, 64)
-LATENCY_RUNS = (3, 20)  # at least, at most: timed runs per batch size, after one warm-up
-LATENCY_SECONDS = 2.0  # per batch size, once LATENCY_RUNS[0] runs are done
-
-
 def onnx_latency(path: Path, image_shape) -> dict:
     """Milliseconds per image of the ONNX model at `path` in ONNX Runtime on this machine's
     CPU (its default session: every core), at batch 1 and 64: the median of repeated runs
-    after a warm-up, on random pixels. Says on what CPU it was measured."""
+    after a warm-up (FILE_TIMING), on random pixels. Says on what CPU it was measured."""
     import numpy as np
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    rng = np.random.default_rng(0)
+    images = np.random.default_rng(0).random((max(LATENCY_BATCHES), *image_shape),
+                                             dtype=np.float32)
     result: dict = {"runtime": f"onnxruntime {onnxruntime.__version__}, CPU",
                     "cpu": cpu_name()}
-    for batch in LATENCY_BATCHES:
-        x = rng.random((batch, *image_shape), dtype=np.float32)
-        session.run(None, {name: x})  # warm-up: allocation, kernel choice
-        times: list[float] = []
-        began = time.perf_counter()
-        while len(times) < LATENCY_RUNS[1] and (
-                len(times) < LATENCY_RUNS[0] or time.perf_counter() - began < LATENCY_SECONDS):
-            start = time.perf_counter()
-            session.run(None, {name: x})
-            times.append(time.perf_counter() - start)
-        result[f"batch_{batch}_ms_per_image"] = round(
-            statistics.median(times) * 1000 / batch, 4)
-        result[f"batch_{batch}_runs"] = len(times)
+    for batch, (ms, runs) in _onnx_timings(_onnx_session(path, None), images,
+                                           FILE_TIMING).items():
+        result[f"batch_{batch}_ms_per_image"] = ms
+        result[f"batch_{batch}_runs"] = runs
     return result
 
 

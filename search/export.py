@@ -214,10 +214,16 @@ def load_model(path: str | Path, map_location: str = "cpu") -> LoadedModel:
     return LoadedModel(model.to(map_location).eval(), info, params)
 
 
-def export_onnx(model: nn.Module, path: Path, example: torch.Tensor) -> str:
+EXPORTERS = ("dynamo", "torchscript")
+
+
+def export_onnx(model: nn.Module, path: Path, example: torch.Tensor,
+                exporters: tuple[str, ...] = EXPORTERS) -> str:
     """Export `model` (eval mode, CPU) to ONNX with a dynamic batch axis; returns the exporter.
 
-    `example` is a float batch scaled to [0, 1], shaped like the model's input.
+    `example` is a float batch scaled to [0, 1], shaped like the model's input. `exporters`:
+    the ones to try in turn, of "dynamo" (torch.export-based, PyTorch's default) and
+    "torchscript" (a twentieth of the time, deprecated in PyTorch).
     """
     model = model.cpu().eval()
     quiet = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
@@ -225,30 +231,40 @@ def export_onnx(model: nn.Module, path: Path, example: torch.Tensor) -> str:
     for logger in quiet:  # the exporter logs every optimization pass at INFO
         logger.setLevel(logging.WARNING)
     try:
-        return _export(model, path, example)
+        for index, exporter in enumerate(exporters):
+            try:
+                _EXPORT[exporter](model, path, example)
+                return exporter
+            except Exception as exc:  # noqa: BLE001 - any failure: the next exporter
+                if index == len(exporters) - 1:
+                    raise
+                log.warning("%s ONNX export failed (%s); using the %s exporter", exporter,
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                            exporters[index + 1])
+        raise ValueError("no ONNX exporter given")
     finally:
         for logger, level in zip(quiet, levels, strict=True):
             logger.setLevel(level)
 
 
-def _export(model: nn.Module, path: Path, example: torch.Tensor) -> str:
-    try:
-        # the torch.export-based exporter, PyTorch's default; it prints its progress
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), str(path), input_names=["image"],
-                              output_names=["scores"], dynamo=True, external_data=False,
-                              dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
-        return "dynamo"
-    except Exception as exc:  # noqa: BLE001 - any failure: try the TorchScript exporter
-        log.warning("torch.export-based ONNX export failed (%s); using the TorchScript "
-                    "exporter", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+def _export_dynamo(model: nn.Module, path: Path, example: torch.Tensor) -> None:
+    # it prints its progress
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), input_names=["image"],
+                          output_names=["scores"], dynamo=True, external_data=False,
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+
+
+def _export_torchscript(model: nn.Module, path: Path, example: torch.Tensor) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(model, (example,), str(path), input_names=["image"],
                           output_names=["scores"], dynamo=False,
                           dynamic_axes={"image": {0: "batch"}, "scores": {0: "batch"}})
-    return "torchscript"
+
+
+_EXPORT = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
 
 
 def check_onnx(path: Path, model: nn.Module, images: torch.Tensor) -> dict:

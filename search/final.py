@@ -125,6 +125,7 @@ def _reproduce_command(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg
            *(["--objectives", ",".join(cfg.objectives)] if cfg.pareto else []),
            *[part for name, limit in cfg.limits().items() if limit is not None
              for part in (costs.limit_flag(name), str(limit))],
+           *(["--latency-runtime", cfg.latency_runtime] if cfg.timed else []),
            "--n-trials", str(len(study.trials)), *final]
     redo = ["python", "-m", "search.final", "--storage", storage.shown(cfg.storage),
             "--study-name", study.study_name, *final]
@@ -296,6 +297,7 @@ def run_final(study: optuna.Study, cfg: RunConfig,
             # were taken beside other workers)
             return costs.measure(spec, result.params, dataset.image_shape,
                                  len(dataset.classes), timed_on=device if cfg.timed else None,
+                                 runtime=cfg.latency_runtime,
                                  **options)
 
         ref_costs = {label: measure(result) for label, result in trained_refs.items()}

@@ -197,9 +197,10 @@ class Objective:
             computed = len(self.features.computed) if self.features is not None else 0
             try:
                 # what the saved model would cost, before anything is trained or allocated
-                # (and, where asked, the model built for real and timed on this trial's device)
+                # (and, where asked, the model built for real and timed: search.costs)
                 cost = costs.measure(self.spec, params, self.image_shape, self.n_classes,
                                      timed_on=self.device if self.cfg.timed else None,
+                                     runtime=self.cfg.latency_runtime,
                                      **registry.saved_options(self.spec, self.cfg.input_size))
                 cost_attrs = self._check_limits(trial, cost)
                 torch.manual_seed(seed)  # weight init and dropout masks

@@ -24,7 +24,14 @@ import storage
 from search import budget, registry
 from search import data as data_module
 from search.cli import Parser, add_final_options, describe, run_command, setup_logging
-from search.config import PRUNERS, REFERENCE_MODES, SAMPLERS, RunConfig, check_writable
+from search.config import (
+    LATENCY_RUNTIMES,
+    PRUNERS,
+    REFERENCE_MODES,
+    SAMPLERS,
+    RunConfig,
+    check_writable,
+)
 from search.data import Dataset
 from search.errors import ConfigError
 from search.models.vgg16 import resolve_weights
@@ -106,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "tables count them)")
     limits.add_argument("--max-latency-ms", type=float, metavar="MS",
                         help="the most milliseconds per image at batch 1, measured before "
-                        "training on the trial's device (a GPU, or this CPU with the "
-                        "worker's threads)")
+                        "training as --latency-runtime says")
+    limits.add_argument("--latency-runtime", default="onnxruntime", choices=LATENCY_RUNTIMES,
+                        metavar="NAME", help="what a latency (--max-latency-ms, --objectives "
+                        "...,latency) is measured in: " + _choices(LATENCY_RUNTIMES))
     limits.add_argument("--objectives", default="accuracy", metavar="LIST",
                         help="what the search optimizes: accuracy, or accuracy and costs "
                         "(params, flops, latency), e.g. accuracy,params: a Pareto search whose "
@@ -181,6 +190,7 @@ def config_from_args(argv: list[str] | None = None) -> RunConfig:
         test_fraction=args.test_fraction, skip_bad_images=args.skip_bad_images,
         augment_flips=args.augment_flips, max_params=args.max_params,
         max_flops=args.max_flops, max_latency_ms=args.max_latency_ms,
+        latency_runtime=args.latency_runtime,
         objectives=args.objectives,
     )
 

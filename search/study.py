@@ -19,8 +19,6 @@ import storage as storage_module
 from search import costs, registry, tpe_speedups
 from search import data as data_module
 from search.config import (
-    ACCURACY_METRIC,
-    COST_OBJECTIVES,
     PRUNERS,
     SAMPLERS,
     RunConfig,
@@ -300,11 +298,6 @@ class _KeepingMarks:
         return getattr(self._inner, name)
 
 
-def metric_names(objectives: tuple[str, ...]) -> list[str]:
-    """The study's names of --objectives, optuna-dashboard's labels of its axes."""
-    return [ACCURACY_METRIC] + [COST_OBJECTIVES[name] for name in objectives[1:]]
-
-
 def open_study(cfg: RunConfig, spec: StudySpec, dataset: Dataset,
                storage: optuna.storages.BaseStorage, study_name: str,
                weights=None) -> optuna.Study:
@@ -327,7 +320,7 @@ def open_study(cfg: RunConfig, spec: StudySpec, dataset: Dataset,
         raise ConfigError(f"study {study_name!r} exists with directions {', '.join(made)}; "
                           f"this run needs {', '.join(directions)} (--objectives "
                           f"{','.join(cfg.objectives)}); pick another --study-name")
-    metrics = metric_names(cfg.objectives)
+    metrics = cfg.metric_names()
     if not created and study.metric_names is not None and study.metric_names != metrics:
         # the same directions, other costs: accuracy,params resumed as accuracy,flops
         raise ConfigError(f"study {study_name!r} exists with objectives "
@@ -425,7 +418,7 @@ def _initialize(study: optuna.Study, cfg: RunConfig, spec: StudySpec, dataset: D
     with warnings.catch_warnings():  # experimental in Optuna; only a label
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         # optuna-dashboard labels its plots with this instead of "Objective 0"
-        study.set_metric_names(metric_names(cfg.objectives))
+        study.set_metric_names(cfg.metric_names())
     # last: its presence marks the study as initialized
     study.set_user_attr("space_version", spec.space_version)
     if cfg.references == "skip":
@@ -492,6 +485,8 @@ def config_of_study(study: optuna.Study, **overrides) -> RunConfig:
     for a study that saved none), with `overrides` (None values are left out)."""
     known = {f.name for f in dataclasses.fields(RunConfig)}
     made = {k: v for k, v in study.user_attrs.get("config", {}).items() if k in known}
+    if made:  # a study saved before --latency-runtime timed its trials in PyTorch
+        made.setdefault("latency_runtime", "pytorch")
     given = {k: v for k, v in overrides.items() if v is not None}
     if "data_dir" not in given and made.get("data_dir"):
         given["data_dir"] = made["data_dir"]

@@ -222,6 +222,8 @@ ROWS = [
     Row("unknown data", [*RUN, "--data", "cifar"], "unknown data set 'cifar'"),
     Row("unknown sampler", [*RUN, "--sampler", "cmaes"], "invalid choice: 'cmaes'"),
     Row("unknown pruner", [*RUN, "--pruner", "asha"], "invalid choice: 'asha'"),
+    Row("unknown latency runtime", [*RUN, "--latency-runtime", "tensorrt"],
+        "invalid choice: 'tensorrt'"),
     *[Row(f"objectives {o!r}", [*RUN, "--objectives", o], "give accuracy, then any of")
       for o in ("params", "accuracy,size", "accuracy,params,params", "", "params,accuracy")],
     Row("pareto search with a one-objective pruner",

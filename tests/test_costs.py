@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import re
 
+import onnxruntime
 import optuna
 import pytest
 import torch
 
-from search import costs, registry
+from search import costs, export, registry
 from search import evaluate as evaluate_module
 from search.config import RunConfig
 from search.errors import ConfigError
@@ -136,22 +137,67 @@ def test_no_config_over_the_limit_is_trained_and_the_final_model_is_within_it(tm
     assert "latency of model.onnx: " in report
 
 
-def test_latency_is_timed_on_the_device_without_touching_the_random_state():
+@pytest.mark.parametrize("runtime", ["pytorch", "onnxruntime"])
+def test_latency_is_timed_at_batch_1_and_64_without_touching_the_random_state(runtime):
     spec = registry.get("cnn")
     torch.manual_seed(7)
     expected = torch.rand(3)
     torch.manual_seed(7)
-    latency = costs.measure_latency(spec, cnn_space.LECTURE, (1, 28, 28), 10, "cpu")
+    latency = costs.measure_latency(spec, cnn_space.LECTURE, (1, 28, 28), 10, "cpu", runtime)
     assert torch.equal(torch.rand(3), expected)  # a trial's seeded draws are not shifted
-    assert latency.ms_per_image > 0
-    assert costs.LATENCY_TRIAL_RUNS[0] <= latency.runs <= costs.LATENCY_TRIAL_RUNS[1]
-    assert latency.where.startswith(f"{costs.cpu_name()}, {torch.get_num_threads()} thread")
+    assert latency.ms_per_image > 0 and latency.batch_ms_per_image > 0
+    least, most = costs.TRIAL_TIMING[1][1]
+    assert least <= latency.runs <= most
+    threads = f"{costs.cpu_name()}, {torch.get_num_threads()} thread"
+    assert latency.where.startswith(
+        f"ONNX Runtime {onnxruntime.__version__}, {threads}" if runtime == "onnxruntime"
+        else threads)
     counted = costs.measure(spec, cnn_space.LECTURE, (1, 28, 28), 10).with_latency(latency)
     assert counted.as_attrs()["latency_ms"] == latency.ms_per_image
-    assert "ms per image at batch 1" in counted.describe()
+    assert counted.as_attrs()["latency_64_ms"] == latency.batch_ms_per_image
+    assert "ms per image at batch 1, " in counted.describe()
     # a search that times nothing keeps the counts alone
     assert "latency_ms" not in costs.measure(spec, cnn_space.LECTURE, (1, 28, 28),
                                              10).as_attrs()
+
+
+def test_onnx_runtime_times_the_model_the_trial_would_build(monkeypatch):
+    """The session timed is the study's model itself, exported with its random weights: it
+    gives the PyTorch model's scores, at batch 1 and 64 alike (a dynamic batch axis)."""
+    sessions = []
+    opened = costs._onnx_session
+    monkeypatch.setattr(costs, "_onnx_session",
+                        lambda path, threads: sessions.append(opened(path, threads))
+                        or sessions[-1])
+    spec = registry.get("cnn")
+    torch.manual_seed(3)
+    costs.measure_latency(spec, cnn_space.EXERCISE, (1, 28, 28), 10, "cpu", "onnxruntime")
+    torch.manual_seed(3)  # the same draws as inside: the model, then the images
+    model = costs._build(spec, cnn_space.EXERCISE, (1, 28, 28), 10).eval()
+    images = torch.rand((64, 1, 28, 28))
+    with torch.inference_mode():
+        expected = model(images).numpy()
+    (session,) = sessions
+    for batch in costs.LATENCY_BATCHES:
+        got = session.run(None, {"image": images[:batch].numpy()})[0]
+        assert got.shape == (batch, 10)
+        assert abs(got - expected[:batch]).max() < 1e-4
+
+
+def test_an_exporter_that_fails_gives_way_to_the_next(tmp_path, monkeypatch, caplog):
+    def refused(*args):
+        raise RuntimeError("exporter removed from this PyTorch")
+
+    monkeypatch.setitem(export._EXPORT, "torchscript", refused)
+    model = costs._build(registry.get("mlp"), mlp_space.LECTURE, (1, 28, 28), 10)
+    path = tmp_path / "model.onnx"
+    used = export.export_onnx(model, path, torch.rand(2, 1, 28, 28),
+                              exporters=("torchscript", "dynamo"))
+    assert used == "dynamo" and path.stat().st_size > 0
+    assert "torchscript ONNX export failed (exporter removed from this PyTorch); using the " \
+           "dynamo exporter" in caplog.text
+    with pytest.raises(RuntimeError, match="exporter removed"):
+        export.export_onnx(model, path, torch.rand(2, 1, 28, 28), exporters=("torchscript",))
 
 
 def test_a_latency_limit_says_where_it_was_measured():
@@ -171,9 +217,9 @@ def test_a_latency_limit_says_where_it_was_measured():
 def test_no_config_over_the_latency_limit_is_trained(tmp_path, monkeypatch):
     """The limit's path through the search, with a latency that is a known function of the
     model (a thousandth of a millisecond per parameter), as a machine's timing is not."""
-    def by_size(spec, params, shape, n_classes, device, **options):
+    def by_size(spec, params, shape, n_classes, device, runtime, **options):
         counted = costs.measure(spec, params, shape, n_classes, **options)
-        return costs.Latency(counted.params / 1000, "a known function", 5)
+        return costs.Latency(counted.params / 1000, counted.params / 2000, "a known function", 5)
 
     monkeypatch.setattr(costs, "measure_latency", by_size)
     limit = 20.0
@@ -192,3 +238,17 @@ def test_no_config_over_the_latency_limit_is_trained(tmp_path, monkeypatch):
         assert trial.user_attrs["costs"]["latency_ms"] <= limit
         assert trial.user_attrs["costs"]["latency_on"] == "a known function"
     assert study.best_trial in feasible
+
+
+def test_a_study_saved_before_the_runtime_choice_is_read_as_timed_in_pytorch():
+    from search.study import config_of_study
+
+    older = optuna.create_study()
+    older.set_user_attr("config", {"study": "cnn", "max_latency_ms": 2.0})
+    assert config_of_study(older).latency_runtime == "pytorch"
+    newer = optuna.create_study()
+    newer.set_user_attr("config", RunConfig(study="cnn", max_latency_ms=2.0).to_dict())
+    assert config_of_study(newer).latency_runtime == "onnxruntime"
+    # the name of its axis: a latency in PyTorch keeps the name it had
+    assert RunConfig(study="cnn", objectives="accuracy,latency",
+                     latency_runtime="pytorch").metric_names()[1] == "milliseconds per image"

@@ -253,13 +253,16 @@ def test_a_latency_pareto_search_times_every_trial_and_the_front_side_by_side(tm
                     runs_dir=str(tmp_path / "runs"), artifact_dir=str(tmp_path / "artifacts"))
     assert cfg.timed
     study, opened, dataset = search(cfg)
-    assert study.metric_names == ["validation accuracy", "milliseconds per image"]
+    # the default runtime, named on the axis the dashboard draws
+    assert study.metric_names == ["validation accuracy",
+                                  "milliseconds per image (ONNX Runtime, CPU)"]
     complete = study.get_trials(states=(State.COMPLETE,))
     assert complete
     for trial in complete:
         measured = trial.user_attrs["costs"]
-        assert trial.values[1] == measured["latency_ms"] > 0
-        assert measured["latency_on"].startswith(costs.cpu_name())
+        assert trial.values[1] == measured["latency_ms"] > 0 and measured["latency_64_ms"] > 0
+        assert measured["latency_on"].startswith("ONNX Runtime ")
+        assert costs.cpu_name() in measured["latency_on"]
     outcome = run_final(study, cfg, opened, dataset)
     directory = tmp_path / "runs" / study.study_name
     # the front and the reference nets timed again by the final step, one after another
@@ -268,5 +271,8 @@ def test_a_latency_pareto_search_times_every_trial_and_the_front_side_by_side(tm
         assert info["costs"]["latency_ms"] > 0
     assert all(c.latency_ms > 0 for c in outcome.config_costs.values())
     report = (directory / "report.md").read_text(encoding="utf-8")
-    assert "accuracy against milliseconds per image" in report
-    assert "PyTorch ms per image (batch 1)" in report
+    assert "accuracy against milliseconds per image (ONNX Runtime, CPU)" in report
+    assert "latency as searched, ms per image (batch 1)" in report
+    # the same study resumed with latency in PyTorch would mix two runtimes on one axis
+    with pytest.raises(ConfigError, match="pick another --study-name"):
+        search(RunConfig(**{**cfg.__dict__, "latency_runtime": "pytorch"}))

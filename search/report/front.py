@@ -53,19 +53,20 @@ def build(outcomes: list, directory: Path, objectives: tuple[str, ...]) -> list[
     points = chart_points(outcomes, cost)
     (directory / "figures").mkdir(parents=True, exist_ok=True)
     figure = directory / "figures" / "front.png"
-    plots.save(plots.pareto_front(study, 1, COST_OBJECTIVES[cost], points), figure)
+    # the study's own names of its costs: a latency names its runtime there
+    names = (study.metric_names or [None] + [COST_OBJECTIVES[c] for c in objectives])[1:]
+    plots.save(plots.pareto_front(study, 1, names[0], points), figure)
     states = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
     seeds = len(lead.results["best found"].runs)
     blocks: list[Block] = [
-        Heading(f"Study {study.study_name}: accuracy against "
-                + " and ".join(COST_OBJECTIVES[c] for c in objectives), 1),
+        Heading(f"Study {study.study_name}: accuracy against " + " and ".join(names), 1),
         Text(f"{sum(states.values())} trials (" + ", ".join(
             f"{n} {s}" for s, n in sorted(states.items())) + f"); {len(study.best_trials)} "
              f"on the Pareto front. The final step retrained {len(outcomes)} of them, from the "
              f"cheapest to the most accurate, with {seeds} seed(s) each, and saved each in its "
              "own folder (model.pt, model.json, model.onnx and its full report)."),
         Image(figure, "Left: validation accuracy of every completed trial against "
-                      f"{COST_OBJECTIVES[cost]}, the front and the retrained trials. Right: "
+                      f"{names[0]}, the front and the retrained trials. Right: "
                       "test accuracy of the retrained models (mean ± sd over seeds), the "
                       "reference nets and the other studies' final models on the same data."),
     ]
@@ -93,14 +94,16 @@ def build(outcomes: list, directory: Path, objectives: tuple[str, ...]) -> list[
     blocks += [
         Heading("Front models and reference nets"),
         Table(["model", "folder", "parameters", "multiply-adds per image",
-               *(["PyTorch ms per image (batch 1)"] if timed else []),
+               *(["latency as searched, ms per image (batch 1)"] if timed else []),
                "validation accuracy", "test accuracy", "saved model, test",
                "ONNX ms per image (batch 1)"], rows),
         Text("Each saved model is the best validation seed of its retrain, reloaded from its "
              "files and scored on the test split; the test split chose nothing."
-             + (f" PyTorch latencies were measured one model after another on "
-                f"{lead.config_costs['best found'].latency_on}; ONNX latencies in ONNX "
-                "Runtime on the CPU." if timed else "")),
+             + (f" The latencies as searched were measured one model after another, "
+                f"each built anew with random weights ("
+                f"{lead.config_costs['best found'].latency_on}); the saved model's ONNX "
+                "latency is its own model.onnx in ONNX Runtime on every CPU core."
+                if timed else "")),
     ]
     return blocks
 
